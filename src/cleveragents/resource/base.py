@@ -1,0 +1,177 @@
+"""The resource model and the base class every resource handler derives from."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from types import MappingProxyType, TracebackType
+from typing import TYPE_CHECKING, Any, ClassVar, Self, final
+
+from cleveragents.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from cleveragents.plan import Plan
+
+_SECRET_KEYS = frozenset({"dsn", "password"})
+
+
+@final
+class Resource:
+    """A named resource a plan works on, with its kind and its per-resource settings.
+
+    It takes the same flat keys as a resource entry in plan YAML::
+
+        Resource(name="inv", kind="database", engine="sqlite", location="inv.db")
+
+    The settings are checked by the handler of the kind, not here. Secret
+    settings (a ``dsn``) never appear in ``repr()``.
+    """
+
+    __slots__ = ("_hash", "kind", "name", "options")
+
+    name: str
+    kind: str
+    options: Mapping[str, Any]
+
+    def __init__(self, name: str, kind: str, **options: Any) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a resource needs a non-empty name, got {name!r}")
+        if not isinstance(kind, str) or not kind:
+            raise ValueError(f"resource {name!r} needs a non-empty kind, got {kind!r}")
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "options", MappingProxyType(dict(options)))
+        object.__setattr__(self, "_hash", hash((name, kind, frozenset(options))))
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self.options[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError(f"Resource is immutable; cannot set {key!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, Resource):
+            return NotImplemented
+        return (self.name, self.kind, dict(self.options)) == (
+            other.name,
+            other.kind,
+            dict(other.options),
+        )
+
+    def __hash__(self) -> int:
+        return self._hash  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        shown = "".join(
+            f", {key}={'***' if key in _SECRET_KEYS else repr(value)}"
+            for key, value in self.options.items()
+        )
+        return f"Resource(name={self.name!r}, kind={self.kind!r}{shown})"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CheckpointResult:
+    """What :meth:`ResourceHandler.create_checkpoint` made."""
+
+    plan_id: str
+    checkpoint_id: str
+    resource: str
+    #: How many of the plan's checkpoints are open on this database, this one included.
+    depth: int
+    created_at: float
+
+
+class ResourceHandler(abc.ABC):
+    """Serves one resource kind to plans: their connections, checkpoints and outcome.
+
+    A handler class is added to the registry by the
+    ``cleveragents_register_resource_handlers`` hook. The runtime creates one
+    instance per class it needs and registers it with the plugin manager, so
+    the ``@hookimpl`` methods below receive the plan events: a completed plan is
+    released, a failed one rolled back, before any other subscriber is told.
+    """
+
+    #: The resource kind this handler serves, e.g. ``"database"``.
+    kind: ClassVar[str]
+
+    @classmethod
+    @abc.abstractmethod
+    def validate_settings(cls, resource: Resource) -> BaseModel:
+        """Check *resource*'s settings against this kind's settings model.
+
+        :raises pydantic.ValidationError: a setting is unknown, missing or mistyped.
+        """
+
+    @classmethod
+    def settings_json_schema(cls) -> dict[str, Any]:
+        """Return the JSON schema of a resource entry of this kind (for editors)."""
+        return {"type": "object"}
+
+    @classmethod
+    def from_config(cls, **overrides: Any) -> Self:
+        """Create a handler from handler-wide settings (environment, then *overrides*)."""
+        return cls(**overrides)
+
+    @abc.abstractmethod
+    def connection(self, resource: Resource, plan_id: str) -> AbstractContextManager[Any]:
+        """Lend the plan its own connection to *resource*, inside the plan's transaction."""
+
+    @abc.abstractmethod
+    def create_checkpoint(
+        self, resource: Resource, plan_id: str, checkpoint_id: str
+    ) -> CheckpointResult:
+        """Take a checkpoint labelled *checkpoint_id* in the plan's work on *resource*."""
+
+    @abc.abstractmethod
+    def rollback_to(self, resource: Resource, plan_id: str, checkpoint_id: str) -> None:
+        """Undo the plan's work on *resource* after *checkpoint_id*; keep the checkpoint."""
+
+    @abc.abstractmethod
+    def release_plan(self, plan_id: str) -> None:
+        """Keep (commit) all of the plan's work and give its connections back."""
+
+    @abc.abstractmethod
+    def rollback_plan(self, plan_id: str) -> None:
+        """Undo all of the plan's work and give its connections back."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Roll back open plans and free everything. Calling it again does nothing."""
+
+    def interrupt(self) -> None:
+        """Interrupt statements running for any plan (called on SIGINT/SIGTERM)."""
+
+    def stats(self) -> Mapping[str, Any]:
+        """Return counters describing the handler's state."""
+        return {}
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @hookimpl
+    def cleveragents_plan_completed(self, plan: Plan) -> None:
+        """Commit the completed plan's work."""
+        self.release_plan(plan.id)
+
+    @hookimpl
+    def cleveragents_plan_failed(self, plan: Plan) -> None:
+        """Roll back the failed plan's work."""
+        self.rollback_plan(plan.id)
+

@@ -1,0 +1,1172 @@
+"""DatabaseResourceHandler: each plan's own transaction per database, savepoints as checkpoints.
+
+The core here is engine-neutral; what differs between SQLite and PostgreSQL
+lives behind :class:`~cleveragents.resource.handlers.engine.Engine`.
+
+Ownership, in one place:
+
+* the handler owns every connection: ``_open`` counts them (lent, idle and
+  in-memory together) and never exceeds ``max_connections``;
+* a plan owns one *lease* per database it touched: the connection, its
+  checkpoints, its write turn, and a lock so one thread at a time uses it;
+* the reaper owns nothing: it only calls back at deadlines;
+* ``_lock`` guards the bookkeeping and is never held while SQL runs. Lock
+  order is lease lock, then ``_lock``; under ``_lock`` a lease lock is only
+  ever tried without blocking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import functools
+import itertools
+import logging
+import os
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Annotated, Any, ClassVar, Literal, Self, final
+
+from pydantic import Discriminator, Field, Tag, TypeAdapter, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cleveragents.durations import Duration
+from cleveragents.errors import (
+    CheckpointError,
+    CheckpointEvictedError,
+    CheckpointExpiredError,
+    CheckpointNotFoundError,
+    HandlerClosedError,
+    PartialCommitError,
+    PoolExhaustedError,
+    ResourceBusyError,
+    ResourceError,
+)
+from cleveragents.hookspecs import hookimpl
+from cleveragents.resource.base import CheckpointResult, Resource, ResourceHandler
+from cleveragents.resource.handlers.engine import Engine
+from cleveragents.resource.handlers.sqlite import SQLiteEngine
+from cleveragents.resource.reaper import Deadline, Reaper
+
+logger = logging.getLogger(__name__)
+
+OnFull = Literal["wait", "evict_lru"]
+
+#: Engines by the value of ``engine:``; each handler makes its own instance.
+ENGINES: dict[str, type[Engine]] = {SQLiteEngine.name: SQLiteEngine}
+
+# How many reaped/evicted plans are remembered so that their next call can
+# raise. Older ones are forgotten: a forgotten plan must not grow memory forever.
+_MAX_ENDINGS = 10_000
+_MAX_LABEL = 256
+_handler_ids = itertools.count(1)
+
+
+class DatabaseHandlerSettings(BaseSettings):
+    """Handler-wide settings; read from ``CLEVERAGENTS_*`` variables by :meth:`from_config`."""
+
+    model_config = SettingsConfigDict(env_prefix="CLEVERAGENTS_", extra="ignore", frozen=True)
+
+    max_connections: int = Field(
+        default=32, ge=1, description="Open connections at most, lent and idle together."
+    )
+    acquire_timeout: Duration = Field(
+        default=5.0, description="How long a plan waits for a free connection slot."
+    )
+    idle_timeout: Duration = Field(
+        default=60.0, description="Idle connections are closed after this long."
+    )
+    on_full: OnFull = Field(
+        default="wait",
+        description="When every slot holds a live plan: 'wait', or 'evict_lru' to roll "
+        "back the least recently used plan.",
+    )
+    checkpoint_ttl: Duration = Field(
+        default=300.0, gt=0, description="Idle time after which a plan is rolled back."
+    )
+
+
+def _engine_of(value: Any) -> str:
+    engine = value.get("engine", "sqlite") if isinstance(value, Mapping) else value.engine
+    return engine if isinstance(engine, str) else repr(engine)
+
+
+def _settings_adapter() -> TypeAdapter[Any]:
+    choices = tuple(Annotated[cls.settings_model, Tag(name)] for name, cls in ENGINES.items())
+    union = choices[0] if len(choices) == 1 else functools.reduce(lambda a, b: a | b, choices)  # type: ignore[operator]
+    return TypeAdapter(Annotated[union, Discriminator(_engine_of)])
+
+
+@functools.lru_cache(maxsize=1024)
+def _validated(resource: Resource) -> Any:
+    return _settings_adapter().validate_python(dict(resource.options))
+
+
+def _check_label(what: str, value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what} must be a non-empty string, got {value!r}")
+    if len(value) > _MAX_LABEL:
+        raise ValueError(f"{what} is longer than {_MAX_LABEL} characters: {value[:40]!r}...")
+    if "\x00" in value:
+        raise ValueError(f"{what} must not contain NUL characters: {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class HandlerStats(Mapping[str, int]):
+    """A snapshot of a handler's counters; also readable as a mapping."""
+
+    open_connections: int
+    idle_connections: int
+    active_plans: int
+    checkpoints: int
+    commits: int
+    rollbacks: int
+    reaped: int
+    evicted: int
+    waits: int
+    wait_timeouts: int
+    busy_timeouts: int
+    close_failures: int
+
+    def __getitem__(self, key: str) -> int:
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return int(getattr(self, key))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.__dataclass_fields__)
+
+    def __len__(self) -> int:
+        return len(self.__dataclass_fields__)
+
+
+class _Turnstile:
+    """Admits one plan at a time to a database, first come, first served.
+
+    A waiter parks on its own lock and is handed the turn directly, so a
+    release wakes exactly the next plan in line.
+    """
+
+    __slots__ = ("_mutex", "_queue", "holder")
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._queue: collections.deque[tuple[threading.Lock, str]] = collections.deque()
+        self.holder: str | None = None
+
+    def acquire(self, plan_id: str, timeout: float) -> bool:
+        with self._mutex:
+            if self.holder is None and not self._queue:
+                self.holder = plan_id
+                return True
+            gate = threading.Lock()
+            gate.acquire()
+            entry = (gate, plan_id)
+            self._queue.append(entry)
+        if gate.acquire(timeout=timeout):
+            return True
+        with self._mutex:
+            if gate.acquire(blocking=False):
+                return True  # handed over just as we gave up
+            self._queue.remove(entry)
+            return False
+
+    def release(self) -> None:
+        with self._mutex:
+            if self._queue:
+                gate, self.holder = self._queue.popleft()
+                gate.release()
+            else:
+                self.holder = None
+
+
+class _Database:
+    """One database as this handler sees it: its engine, write turnstile and memory connection."""
+
+    __slots__ = ("engine", "identity", "label", "memory_conn", "turnstile")
+
+    def __init__(self, identity: Hashable, engine: Engine, label: str) -> None:
+        self.identity = identity
+        self.engine = engine
+        self.label = label
+        self.turnstile = _Turnstile()
+        self.memory_conn: Any = None
+
+
+@dataclasses.dataclass(slots=True)
+class _Checkpoint:
+    label: str
+    savepoint: str
+    created_at: float
+
+
+class _Plan:
+    """A plan with open work on this handler."""
+
+    __slots__ = ("deadline", "last_used", "leases", "plan_id", "ttl")
+
+    def __init__(self, plan_id: str, now: float, ttl: float) -> None:
+        self.plan_id = plan_id
+        self.last_used = now
+        self.ttl = ttl
+        self.leases: dict[Hashable, _Lease] = {}
+        self.deadline: Deadline | None = None
+
+
+class _Lease:
+    """A plan's connection to one database, with its checkpoints and write turn."""
+
+    __slots__ = (
+        "checkpoints",
+        "config",
+        "conn",
+        "database",
+        "ended",
+        "has_turn",
+        "lock",
+        "plan",
+        "resource",
+        "savepoints_made",
+        "settings",
+        "users",
+    )
+
+    def __init__(self, plan: _Plan, database: _Database, resource: str, settings: Any) -> None:
+        self.plan = plan
+        self.database = database
+        self.resource = resource
+        self.settings = settings
+        self.config: Hashable = database.engine.connection_config(settings)
+        self.lock = threading.RLock()
+        self.users = 0
+        self.conn: Any = None
+        self.has_turn = False
+        self.checkpoints: list[_Checkpoint] = []
+        self.savepoints_made = 0
+        self.ended: str | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class _Idle:
+    database: _Database
+    conn: Any
+    config: Hashable
+    since: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Ending:
+    """Why a plan ended without being asked to: its next call raises this, once."""
+
+    how: Literal["expired", "evicted"]
+    checkpoint_id: str | None
+    resource: str | None
+    age: float
+    ttl: float
+
+
+_LIVE: weakref.WeakSet[DatabaseResourceHandler] = weakref.WeakSet()
+# Connections a forked child inherited. They are kept referenced and never
+# used: closing or rolling them back would act on the parent's database state.
+_INHERITED: list[Any] = []
+
+
+@final
+class DatabaseResourceHandler(ResourceHandler):
+    """Gives every plan its own transaction on each database it touches.
+
+    Checkpoints are savepoints on the plan's one connection per database.
+    Completed plans are released (committed), failed ones rolled back, and the
+    connections go back to a bounded pool. A reaper thread rolls back plans
+    that were forgotten. See the class docs in README for the whole contract.
+    """
+
+    kind: ClassVar[str] = "database"
+
+    def __init__(
+        self,
+        *,
+        max_connections: int = 32,
+        acquire_timeout: float | str = 5.0,
+        idle_timeout: float | str = 60.0,
+        on_full: OnFull = "wait",
+        checkpoint_ttl: float | str = 300.0,
+        name: str | None = None,
+    ) -> None:
+        try:
+            config = DatabaseHandlerSettings.model_validate(
+                {
+                    "max_connections": max_connections,
+                    "acquire_timeout": acquire_timeout,
+                    "idle_timeout": idle_timeout,
+                    "on_full": on_full,
+                    "checkpoint_ttl": checkpoint_ttl,
+                }
+            )
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ValueError(
+                f"DatabaseResourceHandler: {first['loc'][0]}: {first['msg']}"
+            ) from None
+        self.name = name or f"database-{next(_handler_ids)}"
+        self.config = config
+        self._closed = False
+        self._reset_state()
+        _LIVE.add(self)
+        logger.debug("handler %r created: %s", self.name, config)
+
+    def _reset_state(self) -> None:
+        """Create every lock and container afresh (at start, and in a forked child)."""
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._slot_freed = threading.Condition(self._lock)
+        self._engines: dict[str, Engine] = {}
+        self._databases: dict[Hashable, _Database] = {}
+        self._plans: dict[str, _Plan] = {}
+        self._idle: collections.OrderedDict[int, _Idle] = collections.OrderedDict()
+        self._idle_sweep: Deadline | None = None
+        self._endings: collections.OrderedDict[str, _Ending] = collections.OrderedDict()
+        self._open = 0
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._reaper = Reaper(self, self._lock, name=f"cleveragents-reaper[{self.name}]")
+        self._finalizer = weakref.finalize(
+            self, _finalize, self.name, self._plans, self._idle, self._databases, self._reaper
+        )
+
+    # -- configuration -------------------------------------------------------
+
+    @classmethod
+    def validate_settings(cls, resource: Resource) -> Any:
+        """Return the engine settings of *resource*.
+
+        :raises pydantic.ValidationError: a key is unknown, missing or mistyped.
+        """
+        return _validated(resource)
+
+    @classmethod
+    def settings_json_schema(cls) -> dict[str, Any]:
+        schema = _settings_adapter().json_schema(ref_template="#/$defs/{model}")
+        for definition in schema.get("$defs", {}).values():
+            if "engine" in definition.get("properties", {}):
+                definition["properties"]["kind"] = {"const": cls.kind}
+                definition.setdefault("required", []).append("kind")
+        return schema
+
+    @classmethod
+    def from_config(cls, **overrides: Any) -> Self:
+        """Create a handler from ``CLEVERAGENTS_*`` variables, then *overrides* (None = unset)."""
+        given = {key: value for key, value in overrides.items() if value is not None}
+        name = given.pop("name", None)
+        settings = DatabaseHandlerSettings(**given)
+        return cls(**settings.model_dump(), name=name)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self._plans)} plans, {self._open} connections"
+        return f"<DatabaseResourceHandler {self.name!r} ({state})>"
+
+    # -- public operations ----------------------------------------------------
+
+    @property
+    def is_closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    @contextmanager
+    def connection(self, resource: Resource, plan_id: str) -> Iterator[Any]:
+        """Lend the plan its own connection to *resource*, inside the plan's transaction.
+
+        The connection stays the plan's; the calling thread may use it until
+        the block ends. Never commit or roll it back yourself.
+        """
+        lease, _ = self._enter(resource, plan_id, "connection")
+        try:
+            yield lease.conn
+        finally:
+            self._leave(lease)
+
+    def create_checkpoint(
+        self, resource: Resource, plan_id: str, checkpoint_id: str
+    ) -> CheckpointResult:
+        """Take a checkpoint (a savepoint) labelled *checkpoint_id* in the plan's work.
+
+        :raises CheckpointError: the plan already has a checkpoint with that label there.
+        """
+        _check_label("checkpoint_id", checkpoint_id)
+        lease, created = self._enter(resource, plan_id, "create_checkpoint", checkpoint_id)
+        try:
+            if any(cp.label == checkpoint_id for cp in lease.checkpoints):
+                raise CheckpointError(
+                    "a checkpoint with this label is already open; rollback_to it or use "
+                    "a new label",
+                    plan_id=plan_id,
+                    checkpoint_id=checkpoint_id,
+                    resource=resource.name,
+                    operation="create_checkpoint",
+                )
+            lease.savepoints_made += 1
+            savepoint = f"cp_{lease.savepoints_made}"
+            self._run(lease, "create_checkpoint", checkpoint_id, lease.database.engine.savepoint,
+                      savepoint)
+            checkpoint = _Checkpoint(checkpoint_id, savepoint, time.time())
+            lease.checkpoints.append(checkpoint)
+        except BaseException:
+            if created:
+                self._abandon(lease)
+            else:
+                self._leave(lease)
+            raise
+        self._leave(lease)
+        return CheckpointResult(
+            plan_id=plan_id,
+            checkpoint_id=checkpoint_id,
+            resource=resource.name,
+            depth=len(lease.checkpoints),
+            created_at=checkpoint.created_at,
+        )
+
+    def rollback_to(self, resource: Resource, plan_id: str, checkpoint_id: str) -> None:
+        """Undo the plan's work on *resource* after *checkpoint_id*.
+
+        The checkpoint stays and can be rolled back to again; checkpoints taken
+        after it are forgotten.
+
+        :raises CheckpointNotFoundError: no open checkpoint has that label there.
+        """
+        _check_label("checkpoint_id", checkpoint_id)
+        lease = self._enter(resource, plan_id, "rollback_to", checkpoint_id, create=False)
+        if lease is None:
+            raise self._not_found(resource, plan_id, checkpoint_id)
+        try:
+            for index, checkpoint in enumerate(lease.checkpoints):
+                if checkpoint.label == checkpoint_id:
+                    break
+            else:
+                raise self._not_found(resource, plan_id, checkpoint_id)
+            self._run(lease, "rollback_to", checkpoint_id, lease.database.engine.rollback_to,
+                      checkpoint.savepoint)
+            del lease.checkpoints[index + 1 :]
+        finally:
+            self._leave(lease)
+
+    def release_plan(self, plan_id: str) -> None:
+        """Commit all of the plan's work, one database at a time, and give its connections back.
+
+        A plan with no open work here is left alone. If a commit fails, the
+        databases not yet committed are rolled back.
+
+        :raises PartialCommitError: a commit failed after others succeeded.
+        """
+        plan = self._take_plan(plan_id, "release_plan")
+        if plan is not None:
+            self._finish(plan, commit=True)
+
+    def rollback_plan(self, plan_id: str) -> None:
+        """Undo all of the plan's work and give its connections back.
+
+        A plan with no open work here is left alone.
+        """
+        plan = self._take_plan(plan_id, "rollback_plan")
+        if plan is not None:
+            self._finish(plan, commit=False)
+
+    def execute(
+        self,
+        resource: Resource,
+        plan_id: str,
+        sql: str,
+        params: Mapping[str, Any] | Sequence[Any] | None = None,
+    ) -> list[tuple[Any, ...]]:
+        """Run one statement in the plan's transaction and return its rows (if any).
+
+        A mapping of *params* binds ``:name`` placeholders on every engine.
+        """
+        with self.connection(resource, plan_id) as conn:
+            engine = self._engine_for(resource)
+            return engine.execute(conn, sql, params)
+
+    async def acreate_checkpoint(
+        self, resource: Resource, plan_id: str, checkpoint_id: str
+    ) -> CheckpointResult:
+        """Awaitable :meth:`create_checkpoint`."""
+        return await asyncio.to_thread(self.create_checkpoint, resource, plan_id, checkpoint_id)
+
+    async def arollback_to(self, resource: Resource, plan_id: str, checkpoint_id: str) -> None:
+        """Awaitable :meth:`rollback_to`."""
+        await asyncio.to_thread(self.rollback_to, resource, plan_id, checkpoint_id)
+
+    async def arelease_plan(self, plan_id: str) -> None:
+        """Awaitable :meth:`release_plan`."""
+        await asyncio.to_thread(self.release_plan, plan_id)
+
+    async def arollback_plan(self, plan_id: str) -> None:
+        """Awaitable :meth:`rollback_plan`."""
+        await asyncio.to_thread(self.rollback_plan, plan_id)
+
+    def interrupt(self) -> None:
+        """Interrupt every statement running for a plan, from any thread."""
+        with self._lock:
+            leases = [
+                lease
+                for plan in self._plans.values()
+                for lease in plan.leases.values()
+                if lease.conn is not None
+            ]
+        for lease in leases:
+            conn = lease.conn
+            if conn is not None:
+                lease.database.engine.interrupt(conn)
+
+    def stats(self) -> HandlerStats:
+        """Return a snapshot of the handler's counters."""
+        with self._lock:
+            counts = self._counts
+            return HandlerStats(
+                open_connections=self._open,
+                idle_connections=len(self._idle),
+                active_plans=len(self._plans),
+                checkpoints=sum(
+                    len(lease.checkpoints)
+                    for plan in self._plans.values()
+                    for lease in plan.leases.values()
+                ),
+                commits=counts["commits"],
+                rollbacks=counts["rollbacks"],
+                reaped=counts["reaped"],
+                evicted=counts["evicted"],
+                waits=counts["waits"],
+                wait_timeouts=counts["wait_timeouts"],
+                busy_timeouts=counts["busy_timeouts"],
+                close_failures=counts["close_failures"],
+            )
+
+    def close(self) -> None:
+        """Roll back open plans and close every connection. Calling it again does nothing."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            plans = list(self._plans.values())
+            self._plans.clear()
+            idle = list(self._idle.values())
+            self._idle.clear()
+            self._open -= len(idle)
+            self._slot_freed.notify_all()
+        self._reaper.stop()
+        for plan in plans:
+            try:
+                self._finish(plan, commit=False)
+            except ResourceError as exc:
+                logger.warning("closing %r: %s", self.name, exc)
+        for entry in idle:
+            self._close_connection(entry.database, entry.conn)
+        for database in list(self._databases.values()):
+            if database.memory_conn is not None:
+                self._close_connection(database, database.memory_conn)
+                database.memory_conn = None
+                with self._lock:
+                    self._open -= 1
+        self._finalizer.detach()
+        _LIVE.discard(self)
+        logger.debug("handler %r closed", self.name)
+
+    @hookimpl
+    def cleveragents_plan_completed(self, plan: Any) -> None:
+        """Commit the completed plan's work."""
+        self.release_plan(plan.id)
+
+    @hookimpl
+    def cleveragents_plan_failed(self, plan: Any) -> None:
+        """Roll back the failed plan's work."""
+        self.rollback_plan(plan.id)
+
+    # -- leases ---------------------------------------------------------------
+
+    def _engine_for(self, resource: Resource) -> Engine:
+        with self._lock:
+            return self._settings(resource, "")[1].engine
+
+    def _settings(self, resource: Resource, plan_id: str) -> tuple[Any, _Database]:
+        """Validate *resource* (cached) and find its database. Call with ``_lock`` held."""
+        try:
+            settings = _validated(resource)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(part) for part in first["loc"]) or "engine"
+            raise ResourceError(
+                f"bad setting {field}: {first['msg']}", plan_id=plan_id, resource=resource.name
+            ) from None
+        engine = self._engines.get(settings.engine)
+        if engine is None:
+            engine = self._engines[settings.engine] = ENGINES[settings.engine]()
+        identity = engine.identity(settings, resource.name)
+        database = self._databases.get(identity)
+        if database is None:
+            database = _Database(identity, engine, engine.describe(settings))
+            self._databases[identity] = database
+        return settings, database
+
+    def _enter(
+        self,
+        resource: Resource,
+        plan_id: str,
+        operation: str,
+        checkpoint_id: str | None = None,
+        *,
+        create: bool = True,
+    ) -> Any:
+        """Return the plan's lease on *resource*'s database, locked for the caller.
+
+        With *create*, also return whether the lease was made by this call (and
+        make it if needed); without, return ``None`` when there is no lease.
+        """
+        _check_label("plan_id", plan_id)
+        if not isinstance(resource, Resource):
+            raise TypeError(f"expected a Resource, got {resource!r}")
+        while True:
+            with self._lock:
+                self._check_open()
+                self._raise_if_ended(plan_id, operation)
+                settings, database = self._settings(resource, plan_id)
+                now = time.monotonic()
+                plan = self._plans.get(plan_id)
+                lease = plan.leases.get(database.identity) if plan is not None else None
+                if lease is None:
+                    if not create:
+                        return None
+                    ttl = settings.checkpoint_ttl or self.config.checkpoint_ttl
+                    if plan is None:
+                        plan = self._plans[plan_id] = _Plan(plan_id, now, ttl)
+                        plan.deadline = self._reaper.schedule(now + ttl, plan)
+                    elif ttl < plan.ttl:
+                        plan.ttl = ttl
+                        assert plan.deadline is not None
+                        self._reaper.cancel(plan.deadline)
+                        plan.deadline = self._reaper.schedule(plan.last_used + ttl, plan)
+                    lease = _Lease(plan, database, resource.name, settings)
+                    lease.lock.acquire()
+                    lease.users = 1
+                    plan.leases[database.identity] = lease
+                    plan.last_used = now
+                    break
+                plan.last_used = now
+            lease.lock.acquire()
+            if lease.ended is None and lease.conn is not None:
+                lease.users += 1
+                return (lease, False) if create else lease
+            lease.lock.release()
+            # The plan ended (or its lease failed to open) while we waited: go
+            # round again, which raises for a reaped/evicted plan.
+        try:
+            self._open_lease(lease, settings, operation, checkpoint_id)
+        except BaseException:
+            self._abandon(lease)
+            raise
+        return lease, True
+
+    def _leave(self, lease: _Lease) -> None:
+        lease.plan.last_used = time.monotonic()
+        lease.users -= 1
+        lease.lock.release()
+
+    def _open_lease(
+        self, lease: _Lease, settings: Any, operation: str, checkpoint_id: str | None
+    ) -> None:
+        """Give a new lease its connection, its turn and its transaction."""
+        database = lease.database
+        engine = database.engine
+        plan_id = lease.plan.plan_id
+        memory = engine.is_memory(settings)
+        if not memory:
+            lease.conn = self._checkout(lease, settings)
+        if engine.takes_turns(settings):
+            if not database.turnstile.acquire(plan_id, settings.busy_timeout):
+                with self._lock:
+                    self._counts["busy_timeouts"] += 1
+                holder = database.turnstile.holder
+                raise ResourceBusyError(
+                    f"database {database.label!r} stayed busy for longer than busy_timeout "
+                    f"({settings.busy_timeout:g}s): plan {holder!r} holds its write turn",
+                    holder=holder,
+                    plan_id=plan_id,
+                    checkpoint_id=checkpoint_id,
+                    resource=lease.resource,
+                    operation=operation,
+                )
+            lease.has_turn = True
+        if memory:
+            if database.memory_conn is None:
+                # Only the turn holder gets here, so one thread opens it.
+                database.memory_conn = self._checkout(lease, settings)
+            lease.conn = database.memory_conn
+        self._run(lease, operation, checkpoint_id, engine.begin, settings, plan_id=plan_id)
+
+    def _run(
+        self,
+        lease: _Lease,
+        operation: str,
+        checkpoint_id: str | None,
+        action: Any,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        """Run an engine action on the lease's connection, wrapping driver errors."""
+        engine = lease.database.engine
+        try:
+            action(lease.conn, *args, **kwargs)
+        except engine.driver_error as exc:
+            raise self._wrap(exc, lease, operation, checkpoint_id) from exc
+
+    def _wrap(
+        self, exc: BaseException, lease: _Lease, operation: str, checkpoint_id: str | None
+    ) -> ResourceError:
+        engine = lease.database.engine
+        context: dict[str, Any] = {
+            "plan_id": lease.plan.plan_id,
+            "checkpoint_id": checkpoint_id,
+            "resource": lease.resource,
+            "operation": operation,
+        }
+        kind = engine.classify(exc)
+        if kind == "busy":
+            with self._lock:
+                self._counts["busy_timeouts"] += 1
+            return ResourceBusyError(
+                f"database {lease.database.label!r} stayed locked for longer than busy_timeout "
+                f"({lease.settings.busy_timeout:g}s): {engine.redact(exc)}",
+                **context,
+            )
+        if kind == "lost":
+            age = time.monotonic() - lease.plan.last_used
+            return CheckpointExpiredError(
+                f"the server ended the plan's session: {engine.redact(exc)}",
+                age=age,
+                ttl=lease.plan.ttl,
+                **context,
+            )
+        return ResourceError(
+            f"{operation} failed on database {lease.database.label!r}: {engine.redact(exc)}",
+            **context,
+        )
+
+    def _abandon(self, lease: _Lease) -> None:
+        """Undo a lease this call made: roll back, give the connection back, forget it."""
+        try:
+            self._end_lease(lease, commit=False, ended="failed")
+        except ResourceError as exc:
+            logger.debug("abandoning lease of plan %r: %s", lease.plan.plan_id, exc)
+        finally:
+            with self._lock:
+                plan = lease.plan
+                if plan.leases.get(lease.database.identity) is lease:
+                    del plan.leases[lease.database.identity]
+                if not plan.leases and self._plans.get(plan.plan_id) is plan:
+                    del self._plans[plan.plan_id]
+                    if plan.deadline is not None:
+                        self._reaper.cancel(plan.deadline)
+            lease.users -= 1
+            lease.lock.release()
+
+    def _not_found(self, resource: Resource, plan_id: str, checkpoint_id: str) -> CheckpointError:
+        return CheckpointNotFoundError(
+            "no open checkpoint with this label",
+            plan_id=plan_id,
+            checkpoint_id=checkpoint_id,
+            resource=resource.name,
+            operation="rollback_to",
+        )
+
+    # -- the pool -------------------------------------------------------------
+
+    def _checkout(self, lease: _Lease, settings: Any) -> Any:
+        """Return a connection for *lease*: an idle one if it fits, else a new one.
+
+        Waits for a slot up to ``acquire_timeout``; with ``on_full="evict_lru"``
+        rolls back the least recently used other plan instead of waiting.
+        """
+        database = lease.database
+        deadline = time.monotonic() + self.config.acquire_timeout
+        waited = False
+        while True:
+            victim: _Plan | None = None
+            to_close: _Idle | None = None
+            with self._lock:
+                self._check_open()
+                for key in reversed(self._idle):
+                    entry = self._idle[key]
+                    if entry.database is database and entry.config == lease.config:
+                        del self._idle[key]
+                        return entry.conn
+                if self._open < self.config.max_connections:
+                    self._open += 1
+                elif self._idle:
+                    _, to_close = self._idle.popitem(last=False)  # its slot becomes ours
+                elif self.config.on_full == "evict_lru" and (
+                    victim := self._pick_victim(lease.plan)
+                ):
+                    pass
+                else:
+                    remaining = deadline - time.monotonic()
+                    if not waited:
+                        waited = True
+                        self._counts["waits"] += 1
+                    if remaining <= 0:
+                        self._counts["wait_timeouts"] += 1
+                        holders = sorted(self._plans)
+                        raise PoolExhaustedError(
+                            f"all {self.config.max_connections} connections are held by live "
+                            f"plans {holders[:10]!r} for longer than acquire_timeout "
+                            f"({self.config.acquire_timeout:g}s); raise max_connections or "
+                            "finish plans sooner",
+                            limit=self.config.max_connections,
+                            holders=holders,
+                            plan_id=lease.plan.plan_id,
+                            resource=lease.resource,
+                            operation="acquire",
+                        )
+                    self._slot_freed.wait(remaining)
+                    continue
+            if victim is not None:
+                self._finish(victim, commit=False, locked=True)
+                continue
+            if to_close is not None:
+                self._close_connection(to_close.database, to_close.conn)
+            return self._open_connection(lease, settings)
+
+    def _open_connection(self, lease: _Lease, settings: Any) -> Any:
+        """Open a connection in a slot already counted in ``_open``."""
+        engine = lease.database.engine
+        try:
+            conn = engine.open(settings, application_name=f"cleveragents:{lease.plan.plan_id}")
+        except BaseException as exc:
+            with self._lock:
+                self._open -= 1
+                self._slot_freed.notify()
+            if isinstance(exc, engine.driver_error):
+                raise self._wrap(exc, lease, "open", None) from exc
+            raise
+        logger.debug("handler %r opened a connection to %r", self.name, lease.database.label)
+        return conn
+
+    def _checkin(self, lease: _Lease, *, broken: bool = False) -> None:
+        """Take the lease's connection back: to the idle pool if clean, else close it."""
+        database = lease.database
+        conn, lease.conn = lease.conn, None
+        if lease.has_turn:
+            lease.has_turn = False
+            database.turnstile.release()
+        if conn is None:
+            return
+        if conn is database.memory_conn and not broken:
+            return
+        clean = not broken and database.engine.is_clean(conn)
+        with self._lock:
+            if conn is database.memory_conn:
+                database.memory_conn = None
+            if clean and not self._closed:
+                now = time.monotonic()
+                self._idle[id(conn)] = _Idle(database, conn, lease.config, now)
+                if self._idle_sweep is None:
+                    self._idle_sweep = self._reaper.schedule(
+                        now + self.config.idle_timeout, "idle"
+                    )
+            else:
+                self._open -= 1
+            self._slot_freed.notify()
+        if not clean or self._closed:
+            self._close_connection(database, conn)
+
+    def _close_connection(self, database: _Database, conn: Any) -> None:
+        try:
+            database.engine.close(conn)
+        except database.engine.driver_error as exc:
+            with self._lock:
+                self._counts["close_failures"] += 1
+            logger.warning(
+                "closing a connection to %r failed: %s",
+                database.label,
+                database.engine.redact(exc),
+            )
+
+    # -- ending plans -----------------------------------------------------------
+
+    def _take_plan(self, plan_id: str, operation: str) -> _Plan | None:
+        _check_label("plan_id", plan_id)
+        with self._lock:
+            self._check_open()
+            self._raise_if_ended(plan_id, operation)
+            plan = self._plans.pop(plan_id, None)
+            if plan is not None and plan.deadline is not None:
+                self._reaper.cancel(plan.deadline)
+            return plan
+
+    def _finish(self, plan: _Plan, *, commit: bool, locked: bool = False) -> None:
+        """Commit or roll back every lease of a plan already taken out of ``_plans``.
+
+        Databases are committed in first-use order; after a failed commit the
+        rest are rolled back. With *locked*, the caller already holds every
+        lease lock (eviction and reaping).
+        """
+        leases = list(plan.leases.values())
+        if not locked:
+            for lease in leases:
+                lease.lock.acquire()
+        committed: list[str] = []
+        error: ResourceError | None = None
+        try:
+            for lease in leases:
+                if commit and error is None:
+                    try:
+                        self._end_lease(lease, commit=True, ended="released")
+                        committed.append(lease.resource)
+                        continue
+                    except ResourceError as exc:
+                        error = exc
+                try:
+                    self._end_lease(lease, commit=False, ended="rolled back")
+                except ResourceError as exc:
+                    error = error or exc
+        finally:
+            for lease in leases:
+                lease.lock.release()
+        with self._lock:
+            self._counts["commits" if commit and error is None else "rollbacks"] += 1
+        if error is None:
+            logger.debug("plan %r %s", plan.plan_id, "released" if commit else "rolled back")
+            return
+        if commit and committed:
+            raise PartialCommitError(
+                f"commit failed after {committed!r} were committed; the rest were rolled "
+                f"back: {error.reason}",
+                committed=committed,
+                plan_id=plan.plan_id,
+                resource=error.resource,
+                operation="commit",
+            ) from error
+        raise error
+
+    def _end_lease(self, lease: _Lease, *, commit: bool, ended: str) -> None:
+        """Commit or roll back one lease (its lock held) and give its connection back."""
+        lease.ended = lease.ended or ended
+        if lease.conn is None:
+            self._checkin(lease)
+            return
+        engine = lease.database.engine
+        if commit:
+            reason = engine.check_committable(lease.conn)
+            if reason is not None:
+                raise ResourceError(
+                    f"nothing was committed: {reason}",
+                    plan_id=lease.plan.plan_id,
+                    resource=lease.resource,
+                    operation="commit",
+                )
+        try:
+            (engine.commit if commit else engine.rollback)(lease.conn)
+        except engine.driver_error as exc:
+            error = self._wrap(exc, lease, "commit" if commit else "rollback", None)
+            if not commit:
+                self._checkin(lease, broken=True)
+            raise error from exc
+        self._checkin(lease)
+
+    def _pick_victim(self, asking: _Plan) -> _Plan | None:
+        """Take the least recently used plan not mid-statement, with its lease locks held.
+
+        Call with ``_lock`` held. The plan is marked evicted and removed.
+        """
+        for plan in sorted(self._plans.values(), key=lambda p: p.last_used):
+            if plan is asking or not any(
+                lease.conn is not None and lease.conn is not lease.database.memory_conn
+                for lease in plan.leases.values()
+            ):
+                continue
+            if self._try_lock_plan(plan):
+                self._end_quietly(plan, "evicted", time.monotonic())
+                logger.warning(
+                    "handler %r evicted plan %r to free a connection", self.name, plan.plan_id
+                )
+                return plan
+        return None
+
+    def _try_lock_plan(self, plan: _Plan) -> bool:
+        """Lock every lease of *plan* if none is in use; call with ``_lock`` held."""
+        taken: list[_Lease] = []
+        for lease in plan.leases.values():
+            if lease.lock.acquire(blocking=False):
+                taken.append(lease)
+                if lease.users == 0 and lease.conn is not None:
+                    continue
+            for held in taken:
+                held.lock.release()
+            return False
+        return True
+
+    def _end_quietly(self, plan: _Plan, how: Literal["expired", "evicted"], now: float) -> None:
+        """Mark a plan reaped or evicted so its next call raises; call with ``_lock`` held."""
+        del self._plans[plan.plan_id]
+        if plan.deadline is not None:
+            self._reaper.cancel(plan.deadline)
+        last = None
+        for lease in plan.leases.values():
+            lease.ended = how
+            if lease.checkpoints:
+                last = lease
+        self._endings[plan.plan_id] = _Ending(
+            how=how,
+            checkpoint_id=last.checkpoints[-1].label if last else None,
+            resource=(last or next(iter(plan.leases.values()))).resource,
+            age=now - plan.last_used,
+            ttl=plan.ttl,
+        )
+        if len(self._endings) > _MAX_ENDINGS:
+            self._endings.popitem(last=False)
+        self._counts["reaped" if how == "expired" else "evicted"] += 1
+
+    def _raise_if_ended(self, plan_id: str, operation: str) -> None:
+        """Raise, once, for a plan the reaper or an eviction ended; call with ``_lock`` held."""
+        ending = self._endings.pop(plan_id, None)
+        if ending is None:
+            return
+        context: dict[str, Any] = {
+            "plan_id": plan_id,
+            "checkpoint_id": ending.checkpoint_id,
+            "resource": ending.resource,
+            "operation": operation,
+        }
+        if ending.how == "expired":
+            raise CheckpointExpiredError(
+                f"plan was idle for {ending.age:.1f}s, longer than its checkpoint_ttl "
+                f"({ending.ttl:g}s); the reaper rolled it back",
+                age=ending.age,
+                ttl=ending.ttl,
+                **context,
+            )
+        raise CheckpointEvictedError(
+            "plan was rolled back to free a connection for another plan (on_full=evict_lru)",
+            **context,
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise HandlerClosedError(self.name)
+
+    # -- the reaper's callback ------------------------------------------------------
+
+    def _on_deadlines(self, due: list[Any], now: float) -> None:
+        """Reap plans idle past their TTL and close connections idle past ``idle_timeout``."""
+        reaped: list[_Plan] = []
+        stale: list[_Idle] = []
+        with self._lock:
+            for item in due:
+                if item == "idle":
+                    self._idle_sweep = None
+                    limit = now - self.config.idle_timeout
+                    while self._idle and next(iter(self._idle.values())).since <= limit:
+                        stale.append(self._idle.popitem(last=False)[1])
+                    self._open -= len(stale)
+                    if self._idle:
+                        oldest = next(iter(self._idle.values())).since
+                        self._idle_sweep = self._reaper.schedule(
+                            oldest + self.config.idle_timeout, "idle"
+                        )
+                    continue
+                plan = item
+                if self._plans.get(plan.plan_id) is not plan:
+                    continue
+                expiry = plan.last_used + plan.ttl
+                if expiry > now or not self._try_lock_plan(plan):
+                    # Used since this deadline was set, or in use right now.
+                    plan.deadline = self._reaper.schedule(max(expiry, now + plan.ttl / 2), plan)
+                    continue
+                self._end_quietly(plan, "expired", now)
+                reaped.append(plan)
+            if stale:
+                self._slot_freed.notify(len(stale))
+        for entry in stale:
+            self._close_connection(entry.database, entry.conn)
+        for plan in reaped:
+            logger.warning(
+                "handler %r reaped plan %r: idle longer than checkpoint_ttl (%gs)",
+                self.name,
+                plan.plan_id,
+                plan.ttl,
+            )
+            try:
+                self._finish(plan, commit=False, locked=True)
+            except ResourceError as exc:
+                logger.warning("rolling back reaped plan %r: %s", plan.plan_id, exc)
+
+    # -- fork -----------------------------------------------------------------------
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child: set the parent's connections aside and start empty."""
+        detached = self._finalizer.detach()
+        if detached is not None:
+            _INHERITED.append(detached)
+        self._reset_state()
+
+
+def _finalize(
+    name: str,
+    plans: dict[str, _Plan],
+    idle: collections.OrderedDict[int, _Idle],
+    databases: dict[Hashable, _Database],
+    reaper: Reaper,
+) -> None:
+    """Free what a handler that was never closed still holds (at collection or exit)."""
+    reaper.stop()
+    open_plans = sorted(plans)
+    for plan in list(plans.values()):
+        for lease in plan.leases.values():
+            conn = lease.conn
+            if conn is not None and conn is not lease.database.memory_conn:
+                _discard(lease.database, conn, rollback=True)
+    for entry in list(idle.values()):
+        _discard(entry.database, entry.conn, rollback=False)
+    for database in list(databases.values()):
+        if database.memory_conn is not None:
+            _discard(database, database.memory_conn, rollback=True)
+    plans.clear()
+    idle.clear()
+    warnings.warn(
+        f"database handler {name!r} was not closed; rolled back open plans {open_plans!r} "
+        "and closed its connections (use 'with DatabaseResourceHandler(...)' or close())",
+        ResourceWarning,
+        stacklevel=2,
+    )
+
+
+def _discard(database: _Database, conn: Any, *, rollback: bool) -> None:
+    engine = database.engine
+    try:
+        if rollback:
+            engine.rollback(conn)
+    except engine.driver_error:
+        pass  # closing below rolls back whatever is left
+    try:
+        engine.close(conn)
+    except engine.driver_error as exc:
+        logger.warning("closing a connection to %r failed: %s", database.label, engine.redact(exc))
+
+
+def _after_fork_in_child() -> None:
+    for handler in list(_LIVE):
+        handler._forget_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@hookimpl
+def cleveragents_register_resource_handlers(registry: Any) -> None:
+    """Serve the ``database`` resource kind."""
+    registry.add(DatabaseResourceHandler)
+
+
+__all__ = ["ENGINES", "DatabaseHandlerSettings", "DatabaseResourceHandler", "HandlerStats"]

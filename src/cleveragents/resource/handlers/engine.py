@@ -1,0 +1,103 @@
+"""The seam between the engine-neutral database handler and one database engine."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel
+
+Outcome = Literal["busy", "lost", "other"]
+
+
+class Engine(abc.ABC):
+    """What the handler needs from a database engine: open, transact, classify errors.
+
+    One instance serves every resource of its engine in one handler. Methods
+    that take a connection are called by one thread at a time for that
+    connection; :meth:`interrupt` may be called from any thread.
+    """
+
+    #: The value of ``engine:`` in a resource entry.
+    name: ClassVar[str]
+    #: The pydantic model of a resource entry of this engine.
+    settings_model: ClassVar[type[BaseModel]]
+    #: Whether the handler admits writers to one database one plan at a time.
+    serializes_writers: ClassVar[bool]
+    #: The driver's base exception class; these are wrapped into ResourceError.
+    driver_error: ClassVar[type[BaseException]]
+
+    @abc.abstractmethod
+    def identity(self, settings: Any, resource_name: str) -> Hashable:
+        """Return what identifies the database: two resources with one identity share it."""
+
+    def describe(self, settings: Any) -> str:
+        """Return a printable name of the database, with no secret in it."""
+        return self.name
+
+    @abc.abstractmethod
+    def connection_config(self, settings: Any) -> Hashable:
+        """Return the per-connection settings an idle connection must match to be reused."""
+
+    def is_memory(self, settings: Any) -> bool:
+        """Whether the database lives only as long as its one connection."""
+        return False
+
+    def takes_turns(self, settings: Any) -> bool:
+        """Whether a plan on this database must wait for its turn before it begins."""
+        return self.serializes_writers
+
+    @abc.abstractmethod
+    def open(self, settings: Any, *, application_name: str) -> Any:
+        """Open a new connection configured by *settings*."""
+
+    @abc.abstractmethod
+    def begin(self, conn: Any, settings: Any, *, plan_id: str) -> None:
+        """Start *plan_id*'s transaction."""
+
+    @abc.abstractmethod
+    def savepoint(self, conn: Any, name: str) -> None:
+        """Create savepoint *name* (already quoted-safe, made by the handler)."""
+
+    @abc.abstractmethod
+    def rollback_to(self, conn: Any, name: str) -> None:
+        """Undo everything after savepoint *name*, keeping it."""
+
+    @abc.abstractmethod
+    def commit(self, conn: Any) -> None:
+        """Commit the plan's transaction."""
+
+    @abc.abstractmethod
+    def rollback(self, conn: Any) -> None:
+        """Roll the plan's transaction back."""
+
+    @abc.abstractmethod
+    def execute(
+        self, conn: Any, sql: str, params: Mapping[str, Any] | Sequence[Any] | None
+    ) -> list[tuple[Any, ...]]:
+        """Run one statement; a mapping of *params* binds ``:name``. Return its rows."""
+
+    @abc.abstractmethod
+    def is_clean(self, conn: Any) -> bool:
+        """Whether *conn* has no open transaction and can be lent to another plan."""
+
+    def check_committable(self, conn: Any) -> str | None:
+        """Return why committing *conn* now would lose work, or ``None`` if it is fine."""
+        return None
+
+    @abc.abstractmethod
+    def close(self, conn: Any) -> None:
+        """Close *conn*."""
+
+    @abc.abstractmethod
+    def interrupt(self, conn: Any) -> None:
+        """Interrupt the statement running on *conn*, from any thread."""
+
+    @abc.abstractmethod
+    def classify(self, exc: BaseException) -> Outcome:
+        """Say whether a driver error means busy, a lost session, or anything else."""
+
+    def redact(self, exc: BaseException) -> str:
+        """Return the driver's message, with any secret removed."""
+        return str(exc)

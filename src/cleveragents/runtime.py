@@ -1,0 +1,315 @@
+"""Runtime: loads plugins, runs plans step by step, owns the handlers, emits plan events."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import pluggy
+
+from cleveragents.errors import (
+    CheckpointEvictedError,
+    CheckpointExpiredError,
+    CleverAgentsError,
+    HandlerClosedError,
+    ResourceError,
+    ToolError,
+)
+from cleveragents.plan import Plan, Step, load_plan
+from cleveragents.plugins import SubscriberError, dispatch, get_plugin_manager, registries
+from cleveragents.resource.base import Resource, ResourceHandler
+from cleveragents.tools import ToolContext
+
+logger = logging.getLogger(__name__)
+
+# After these the plan's work is already gone (or the handler is): retrying a
+# step would only start a new transaction that nobody asked for.
+_FINAL_ERRORS = (CheckpointExpiredError, CheckpointEvictedError, HandlerClosedError)
+
+
+class Interrupted(CleverAgentsError):
+    """The run was interrupted (SIGINT/SIGTERM) and its plans rolled back."""
+
+
+class ExpectationFailed(CleverAgentsError, AssertionError):
+    """An ``expect`` check returned something other than ``equals``."""
+
+
+@dataclass
+class StepResult:
+    """How one step went."""
+
+    id: str
+    status: Literal["passed", "failed", "not run"]
+    attempts: int = 0
+    duration_ms: float = 0.0
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the step as the ``--json`` output shows it."""
+        return {
+            "id": self.id,
+            "status": self.status,
+            "attempts": self.attempts,
+            "duration_ms": round(self.duration_ms, 3),
+            "error": self.error,
+        }
+
+
+@dataclass
+class PlanResult:
+    """How one plan went: ``completed`` (committed) or ``failed`` (rolled back)."""
+
+    plan: str
+    source: str | None
+    status: Literal["completed", "failed"]
+    steps: list[StepResult]
+    failed_step: str | None = None
+    error: str | None = None
+    subscriber_errors: list[SubscriberError] = field(default_factory=list)
+
+    @property
+    def completed(self) -> bool:
+        """Whether the plan completed and its work was committed."""
+        return self.status == "completed"
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the plan as one line of ``cleveragents run --json`` shows it."""
+        return {
+            "plan": self.plan,
+            "source": self.source,
+            "status": self.status,
+            "failed_step": self.failed_step,
+            "error": self.error,
+            "steps": [step.to_json() for step in self.steps],
+            "subscriber_errors": [str(error) for error in self.subscriber_errors],
+        }
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, CleverAgentsError):
+        return str(exc)
+    module = type(exc).__module__
+    prefix = "" if module == "builtins" else f"{module}."
+    return f"{prefix}{type(exc).__qualname__}: {exc}"
+
+
+class Runtime:
+    """Runs plans against the resources their plugins serve.
+
+    It creates one handler per resource kind it needs and registers it with
+    the plugin manager, so the handler hears of completed and failed plans
+    first. Use it as a context manager, or call :meth:`close`.
+
+    :param handler_options: handler-wide settings by resource kind, e.g.
+        ``{"database": {"max_connections": 8}}``; unset ones come from
+        ``CLEVERAGENTS_*`` variables, then defaults.
+    """
+
+    def __init__(
+        self,
+        *,
+        plugin_manager: pluggy.PluginManager | None = None,
+        handler_options: Mapping[str, Mapping[str, Any]] | None = None,
+        allowed_roots: Sequence[str | os.PathLike[str]] = (),
+    ) -> None:
+        self.plugin_manager = plugin_manager or get_plugin_manager()
+        self.kinds, self.tools = registries(self.plugin_manager)
+        self._handler_options = dict(handler_options or {})
+        self._allowed_roots = list(allowed_roots)
+        self._handlers: dict[str, ResourceHandler] = {}
+        self._lock = threading.Lock()
+        self._interrupted: str | None = None
+        self._closed = False
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def load(self, path: str | os.PathLike[str]) -> Plan:
+        """Load and validate a plan file against the loaded plugins.
+
+        :raises PlanError: the plan is bad input.
+        """
+        return load_plan(
+            path, kinds=self.kinds, tools=self.tools, allowed_roots_extra=self._allowed_roots
+        )
+
+    def handler(self, kind: str) -> ResourceHandler:
+        """Return this runtime's handler of *kind*, creating and subscribing it on first use."""
+        with self._lock:
+            if self._closed:
+                raise ResourceError("the runtime is closed")
+            handler = self._handlers.get(kind)
+            if handler is None:
+                handler_cls = self.kinds.get(kind)
+                if handler_cls is None:
+                    raise ResourceError(f"no plugin serves resource kind {kind!r}")
+                handler = handler_cls.from_config(**self._handler_options.get(kind, {}))
+                self.plugin_manager.register(handler, name=f"cleveragents-handler-{kind}")
+                self._handlers[kind] = handler
+            return handler
+
+    @property
+    def handlers(self) -> Mapping[str, ResourceHandler]:
+        """The handlers created so far, by kind."""
+        return dict(self._handlers)
+
+    def interrupt(self, reason: str = "interrupted") -> None:
+        """Stop every running plan at its next step and interrupt running statements."""
+        self._interrupted = reason
+        for handler in list(self._handlers.values()):
+            handler.interrupt()
+
+    def close(self) -> None:
+        """Roll back whatever is still open and close every handler. Safe to call twice."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            handlers = list(self._handlers.values())
+        for handler in handlers:
+            handler.close()
+            self.plugin_manager.unregister(handler)
+
+    def run_many(self, plans: Sequence[Plan], *, parallel: int = 1) -> list[PlanResult]:
+        """Run *plans*, up to *parallel* at once, sharing this runtime's handlers."""
+        if parallel <= 1 or len(plans) <= 1:
+            return [self.run(plan) for plan in plans]
+        with ThreadPoolExecutor(parallel, thread_name_prefix="cleveragents-plan") as pool:
+            return list(pool.map(self.run, plans))
+
+    def run(self, plan: Plan) -> PlanResult:
+        """Run *plan*'s steps in order; commit if all pass, else roll everything back."""
+        subscriber_errors = dispatch(self.plugin_manager, "cleveragents_plan_started", plan=plan)
+        results = [StepResult(step.id, "not run") for step in plan.steps]
+        failure: BaseException | None = None
+        failed_step: str | None = None
+        for step, result in zip(plan.steps, results, strict=True):
+            if self._interrupted is not None:
+                failure = Interrupted(self._interrupted)
+                break
+            failure = self._run_step(plan, step, result)
+            if failure is not None:
+                failed_step = step.id
+                break
+        if failure is None:
+            errors = dispatch(
+                self.plugin_manager, "cleveragents_plan_completed", only="handlers", plan=plan
+            )
+            if errors:
+                failure = errors[0].error
+            else:
+                subscriber_errors += dispatch(
+                    self.plugin_manager, "cleveragents_plan_completed", only="others", plan=plan
+                )
+        if failure is not None:
+            subscriber_errors += dispatch(
+                self.plugin_manager, "cleveragents_plan_failed", plan=plan, error=failure
+            )
+        return PlanResult(
+            plan=plan.id,
+            source=plan.source,
+            status="completed" if failure is None else "failed",
+            steps=results,
+            failed_step=failed_step,
+            error=None if failure is None else _describe(failure),
+            subscriber_errors=subscriber_errors,
+        )
+
+    # -- steps ----------------------------------------------------------------
+
+    def _run_step(self, plan: Plan, step: Step, result: StepResult) -> BaseException | None:
+        started = time.perf_counter()
+        label = f"step:{step.id}"
+        checkpointed = (
+            ([step.resource] if step.resource else list(plan.resources))
+            if step.takes_checkpoint
+            else []
+        )
+        try:
+            for name in checkpointed:
+                resource = plan.resource(name)
+                self.handler(resource.kind).create_checkpoint(resource, plan.id, label)
+            for attempt in range(1, step.retry + 2):
+                result.attempts = attempt
+                try:
+                    self._execute(plan, step, attempt)
+                except Exception as exc:
+                    if attempt > step.retry or isinstance(exc, _FINAL_ERRORS):
+                        raise
+                    logger.info("step %r of plan %r failed (%s); retrying", step.id, plan.id, exc)
+                    for name in checkpointed:
+                        resource = plan.resource(name)
+                        self.handler(resource.kind).rollback_to(resource, plan.id, label)
+                    if self._interrupted is not None:
+                        raise Interrupted(self._interrupted) from exc
+                else:
+                    break
+        except Exception as exc:
+            if self._interrupted is not None and not isinstance(exc, Interrupted):
+                exc = Interrupted(f"{self._interrupted} during step {step.id!r}")
+            result.status = "failed"
+            result.error = _describe(exc)
+            return exc
+        finally:
+            result.duration_ms = (time.perf_counter() - started) * 1000
+        result.status = "passed"
+        return None
+
+    def _execute(self, plan: Plan, step: Step, attempt: int) -> None:
+        if step.tool is not None:
+            tool = self.tools.get(step.tool)
+            if tool is None:
+                raise ToolError(f"tool {step.tool!r} is not registered")
+            ctx = ToolContext(
+                plan_id=plan.id,
+                step_id=step.id,
+                attempt=attempt,
+                _connect=lambda name: self._connection(plan, name),
+            )
+            tool(ctx, **step.with_)
+            return
+        assert step.resource is not None
+        resource = plan.resource(step.resource)
+        handler = self.handler(resource.kind)
+        execute = getattr(handler, "execute", None)
+        if execute is None:
+            raise ResourceError(f"resource kind {resource.kind!r} cannot run SQL")
+        if step.sql is not None:
+            execute(resource, plan.id, step.sql, step.params)
+        if step.expect is not None:
+            rows = execute(resource, plan.id, step.expect.sql, step.expect.params)
+            if not rows or len(rows) != 1 or len(rows[0]) != 1:
+                raise ExpectationFailed(
+                    f"expect: the query must return one row with one value, got {rows!r}"
+                )
+            if rows[0][0] != step.expect.equals:
+                raise ExpectationFailed(
+                    f"expect: got {rows[0][0]!r}, expected {step.expect.equals!r}"
+                )
+
+    @contextmanager
+    def _connection(self, plan: Plan, name: str) -> Iterator[Any]:
+        if name not in plan.resources:
+            known = ", ".join(sorted(plan.resources)) or "none"
+            raise ToolError(f"plan {plan.id!r} has no resource {name!r} (known: {known})")
+        resource: Resource = plan.resource(name)
+        handler = self.handler(resource.kind)
+        with handler.connection(resource, plan.id) as conn:
+            yield conn
