@@ -9,7 +9,6 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
@@ -34,7 +33,9 @@ _err = Console(stderr=True, highlight=False, soft_wrap=True)
 class _Duration(click.ParamType):
     name = "duration"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
         try:
             return parse_duration(value if not isinstance(value, str) else value.strip())
         except ValueError as exc:
@@ -89,19 +90,44 @@ _allow_root = click.option(
 @cli.command()
 @click.argument("plans", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per plan per line.")
-@click.option("--parallel", default=1, show_default=True, type=click.IntRange(1, 256),
-              help="Run up to N plans at once.")
+@click.option(
+    "--parallel",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 256),
+    help="Run up to N plans at once.",
+)
 @_allow_root
-@click.option("--max-connections", type=click.IntRange(1), default=None,
-              help="Open connections at most [env CLEVERAGENTS_MAX_CONNECTIONS; default 32].")
-@click.option("--acquire-timeout", type=DURATION, default=None,
-              help="Wait this long for a free connection [default 5s].")
-@click.option("--idle-timeout", type=DURATION, default=None,
-              help="Close idle connections after this long [default 60s].")
-@click.option("--on-full", type=click.Choice(["wait", "evict_lru"]), default=None,
-              help="What to do when every connection is busy [default wait].")
-@click.option("--checkpoint-ttl", type=DURATION, default=None,
-              help="Roll back plans idle this long [default 300s].")
+@click.option(
+    "--max-connections",
+    type=click.IntRange(1),
+    default=None,
+    help="Open connections at most [env CLEVERAGENTS_MAX_CONNECTIONS; default 32].",
+)
+@click.option(
+    "--acquire-timeout",
+    type=DURATION,
+    default=None,
+    help="Wait this long for a free connection [default 5s].",
+)
+@click.option(
+    "--idle-timeout",
+    type=DURATION,
+    default=None,
+    help="Close idle connections after this long [default 60s].",
+)
+@click.option(
+    "--on-full",
+    type=click.Choice(["wait", "evict_lru"]),
+    default=None,
+    help="What to do when every connection is busy [default wait].",
+)
+@click.option(
+    "--checkpoint-ttl",
+    type=DURATION,
+    default=None,
+    help="Roll back plans idle this long [default 300s].",
+)
 def run(
     plans: tuple[str, ...],
     as_json: bool,
@@ -161,8 +187,8 @@ def _signals_interrupt(runtime: Runtime) -> Iterator[list[int]]:
         runtime.interrupt(f"interrupted by {signal.Signals(signum).name}")
 
     previous: dict[int, Callable[..., Any] | int | None] = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        previous[signum] = signal.signal(signum, on_signal)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, on_signal)
     try:
         yield received
     finally:

@@ -36,9 +36,7 @@ MEMORY = ":memory:"
 
 def _check_id(value: str) -> str:
     if not value or len(value) > _MAX_ID or _CONTROL.search(value):
-        raise ValueError(
-            f"must be 1 to {_MAX_ID} printable characters without control characters"
-        )
+        raise ValueError(f"must be 1 to {_MAX_ID} printable characters without control characters")
     return value
 
 
@@ -168,9 +166,9 @@ class _Located:
         """Return the line of the deepest part of *path* that exists in *data*."""
         found: list[Any] = []
         for part in path:
-            if isinstance(data, Mapping) and part in data:
-                data = data[part]
-            elif isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data):
+            if (isinstance(data, Mapping) and part in data) or (
+                isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data)
+            ):
                 data = data[part]
             else:
                 continue
@@ -271,9 +269,9 @@ def _problems_from(
         probe: Any = data
         for index, part in enumerate(full):
             last = index == len(full) - 1
-            if isinstance(probe, Mapping) and part in probe:
-                probe = probe[part]
-            elif isinstance(probe, list) and isinstance(part, int) and 0 <= part < len(probe):
+            if (isinstance(probe, Mapping) and part in probe) or (
+                isinstance(probe, list) and isinstance(part, int) and 0 <= part < len(probe)
+            ):
                 probe = probe[part]
             elif not (last and error["type"] == "missing"):
                 continue
@@ -281,9 +279,7 @@ def _problems_from(
         message = _MESSAGES.get(error["type"], error["msg"])
         if message.startswith("Value error, "):
             message = message[len("Value error, ") :]
-        problems.append(
-            PlanProblem(shown, located.line_of(kept, data), _field_name(kept), message)
-        )
+        problems.append(PlanProblem(shown, located.line_of(kept, data), _field_name(kept), message))
     return problems
 
 
@@ -338,7 +334,10 @@ def load_plan(
         handler_cls = kinds.get(entry.kind)
         if handler_cls is None:
             known = ", ".join(kinds) or "none"
-            problem(("resources", name, "kind"), f"unknown resource kind {entry.kind!r} (known: {known})")
+            problem(
+                ("resources", name, "kind"),
+                f"unknown resource kind {entry.kind!r} (known: {known})",
+            )
             continue
         options = dict(entry.model_extra or {})
         for key in PATH_SETTINGS:
@@ -362,15 +361,19 @@ def load_plan(
     for index, step in enumerate(plan.steps):
         if step.resource is not None and step.resource not in plan.resources:
             known = ", ".join(sorted(plan.resources)) or "none"
-            problem(("steps", index, "resource"), f"unknown resource {step.resource!r} (known: {known})")
+            problem(
+                ("steps", index, "resource"), f"unknown resource {step.resource!r} (known: {known})"
+            )
         if step.tool is not None and step.tool not in tools:
             known = ", ".join(sorted(tools)) or "none"
             problem(("steps", index, "tool"), f"unknown tool {step.tool!r} (registered: {known})")
         if step.tool is None and step.resource in plan.resources:
             kind = plan.resources[step.resource].kind
             if kind != "database":
-                problem(("steps", index, "sql" if step.sql else "expect"),
-                        f"'sql' and 'expect' need a database resource, not {kind!r}")
+                problem(
+                    ("steps", index, "sql" if step.sql else "expect"),
+                    f"'sql' and 'expect' need a database resource, not {kind!r}",
+                )
     if problems:
         problems.sort(key=lambda p: p.line or 0)
         raise PlanError(problems)

@@ -91,10 +91,10 @@ def registries(pm: pluggy.PluginManager) -> tuple[ResourceRegistry, ToolRegistry
     tools = ToolRegistry()
     for impl in pm.hook.cleveragents_register_resource_handlers.get_hookimpls():
         kinds.current_source = f"{pm.get_name(impl.plugin)} ({plugin_source(pm, impl.plugin)})"
-        impl.function(**{name: kinds for name in impl.argnames})
+        impl.function(**dict.fromkeys(impl.argnames, kinds))
     for impl in pm.hook.cleveragents_register_tools.get_hookimpls():
         tools.current_source = f"{pm.get_name(impl.plugin)} ({plugin_source(pm, impl.plugin)})"
-        impl.function(**{name: tools for name in impl.argnames})
+        impl.function(**dict.fromkeys(impl.argnames, tools))
     return kinds, tools
 
 

@@ -40,7 +40,9 @@ class ToolRegistry:
                 plugin=self.current_source,
             )
         if not callable(func):
-            raise PluginError(f"tool {name!r} is not callable: {func!r}", plugin=self.current_source)
+            raise PluginError(
+                f"tool {name!r} is not callable: {func!r}", plugin=self.current_source
+            )
         if name in self._tools and self._tools[name] is not func:
             raise PluginError(
                 f"tool {name!r} is already registered by {self._sources[name]}",

@@ -147,7 +147,7 @@ class ResourceHandler(abc.ABC):
     def close(self) -> None:
         """Roll back open plans and free everything. Calling it again does nothing."""
 
-    def interrupt(self) -> None:
+    def interrupt(self) -> None:  # noqa: B027 - optional for handlers with nothing to interrupt
         """Interrupt statements running for any plan (called on SIGINT/SIGTERM)."""
 
     def stats(self) -> Mapping[str, Any]:
@@ -174,4 +174,3 @@ class ResourceHandler(abc.ABC):
     def cleveragents_plan_failed(self, plan: Plan) -> None:
         """Roll back the failed plan's work."""
         self.rollback_plan(plan.id)
-

@@ -30,7 +30,7 @@ import warnings
 import weakref
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Annotated, Any, ClassVar, Literal, Self, final
+from typing import Annotated, Any, ClassVar, Literal, Self, Union, final
 
 from pydantic import Discriminator, Field, Tag, TypeAdapter, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -96,9 +96,11 @@ def _engine_of(value: Any) -> str:
     return engine if isinstance(engine, str) else repr(engine)
 
 
+@functools.cache
 def _settings_adapter() -> TypeAdapter[Any]:
-    choices = tuple(Annotated[cls.settings_model, Tag(name)] for name, cls in ENGINES.items())
-    union = choices[0] if len(choices) == 1 else functools.reduce(lambda a, b: a | b, choices)  # type: ignore[operator]
+    """Return the validator of a database resource: one settings model per engine."""
+    choices: Any = tuple(Annotated[cls.settings_model, Tag(name)] for name, cls in ENGINES.items())
+    union: Any = Union[choices]  # noqa: UP007 - built from a tuple at run time
     return TypeAdapter(Annotated[union, Discriminator(_engine_of)])
 
 
@@ -411,8 +413,13 @@ class DatabaseResourceHandler(ResourceHandler):
                 )
             lease.savepoints_made += 1
             savepoint = f"cp_{lease.savepoints_made}"
-            self._run(lease, "create_checkpoint", checkpoint_id, lease.database.engine.savepoint,
-                      savepoint)
+            self._run(
+                lease,
+                "create_checkpoint",
+                checkpoint_id,
+                lease.database.engine.savepoint,
+                savepoint,
+            )
             checkpoint = _Checkpoint(checkpoint_id, savepoint, time.time())
             lease.checkpoints.append(checkpoint)
         except BaseException:
@@ -443,13 +450,18 @@ class DatabaseResourceHandler(ResourceHandler):
         if lease is None:
             raise self._not_found(resource, plan_id, checkpoint_id)
         try:
-            for index, checkpoint in enumerate(lease.checkpoints):
-                if checkpoint.label == checkpoint_id:
-                    break
-            else:
+            labels = [checkpoint.label for checkpoint in lease.checkpoints]
+            if checkpoint_id not in labels:
                 raise self._not_found(resource, plan_id, checkpoint_id)
-            self._run(lease, "rollback_to", checkpoint_id, lease.database.engine.rollback_to,
-                      checkpoint.savepoint)
+            index = labels.index(checkpoint_id)
+            checkpoint = lease.checkpoints[index]
+            self._run(
+                lease,
+                "rollback_to",
+                checkpoint_id,
+                lease.database.engine.rollback_to,
+                checkpoint.savepoint,
+            )
             del lease.checkpoints[index + 1 :]
         finally:
             self._leave(lease)
@@ -654,6 +666,7 @@ class DatabaseResourceHandler(ResourceHandler):
                     plan.leases[database.identity] = lease
                     plan.last_used = now
                     break
+                assert plan is not None
                 plan.last_used = now
             lease.lock.acquire()
             if lease.ended is None and lease.conn is not None:
@@ -872,9 +885,7 @@ class DatabaseResourceHandler(ResourceHandler):
                 now = time.monotonic()
                 self._idle[id(conn)] = _Idle(database, conn, lease.config, now)
                 if self._idle_sweep is None:
-                    self._idle_sweep = self._reaper.schedule(
-                        now + self.config.idle_timeout, "idle"
-                    )
+                    self._idle_sweep = self._reaper.schedule(now + self.config.idle_timeout, "idle")
             else:
                 self._open -= 1
             self._slot_freed.notify()
@@ -1076,7 +1087,7 @@ class DatabaseResourceHandler(ResourceHandler):
                             oldest + self.config.idle_timeout, "idle"
                         )
                     continue
-                plan = item
+                plan: _Plan = item
                 if self._plans.get(plan.plan_id) is not plan:
                     continue
                 expiry = plan.last_used + plan.ttl

@@ -48,7 +48,8 @@ class SQLiteSettings(BaseModel):
     checkpoint_ttl: Duration | None = Field(
         default=None,
         gt=0,
-        description="Roll the plan back after it sat idle this long (default: the handler's, 300s).",
+        description="Roll the plan back after it sat idle this long "
+        "(default: the handler's, 300s).",
     )
 
 
@@ -169,4 +170,3 @@ class SQLiteEngine(Engine):
 
 
 __all__ = ["MEMORY", "SQLiteEngine", "SQLiteSettings"]
-
