@@ -30,19 +30,14 @@ _out = Console(highlight=False, soft_wrap=True)
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-class _Duration(click.ParamType):
-    name = "duration"
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> float:
-        try:
-            return parse_duration(value if not isinstance(value, str) else value.strip())
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-
-
-DURATION = _Duration()
+def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    """Parse a duration option ('250ms', '5s', '2m' or seconds)."""
+    if value is None:
+        return None
+    try:
+        return parse_duration(value.strip())
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _bad_input(lines: Sequence[str]) -> NoReturn:
