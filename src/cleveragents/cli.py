@@ -101,13 +101,13 @@ _allow_root = click.option(
 )
 @click.option(
     "--acquire-timeout",
-    type=DURATION,
+    callback=_duration,
     default=None,
     help="Wait this long for a free connection [default 5s].",
 )
 @click.option(
     "--idle-timeout",
-    type=DURATION,
+    callback=_duration,
     default=None,
     help="Close idle connections after this long [default 60s].",
 )
@@ -119,7 +119,7 @@ _allow_root = click.option(
 )
 @click.option(
     "--checkpoint-ttl",
-    type=DURATION,
+    callback=_duration,
     default=None,
     help="Roll back plans idle this long [default 300s].",
 )
