@@ -64,6 +64,7 @@ ENGINES: dict[str, type[Engine]] = {SQLiteEngine.name: SQLiteEngine}
 # raise. Older ones are forgotten: a forgotten plan must not grow memory forever.
 _MAX_ENDINGS = 10_000
 _MAX_LABEL = 256
+_MAX_RESOLVED = 1024
 _handler_ids = itertools.count(1)
 
 
@@ -325,11 +326,11 @@ class DatabaseResourceHandler(ResourceHandler):
 
     def _reset_state(self) -> None:
         """Create every lock and container afresh (at start, and in a forked child)."""
-        self._pid = os.getpid()
         self._lock = threading.Lock()
         self._slot_freed = threading.Condition(self._lock)
         self._engines: dict[str, Engine] = {}
         self._databases: dict[Hashable, _Database] = {}
+        self._resolved: dict[Resource, tuple[Any, _Database]] = {}
         self._plans: dict[str, _Plan] = {}
         self._idle: collections.OrderedDict[int, _Idle] = collections.OrderedDict()
         self._idle_sweep: Deadline | None = None
@@ -498,9 +499,18 @@ class DatabaseResourceHandler(ResourceHandler):
 
         A mapping of *params* binds ``:name`` placeholders on every engine.
         """
-        with self.connection(resource, plan_id) as conn:
-            engine = self._engine_for(resource)
-            return engine.execute(conn, sql, params)
+        lease, _ = self._enter(resource, plan_id, "execute")
+        engine: Engine = lease.database.engine
+        try:
+            return engine.execute(lease.conn, sql, params)
+        except engine.driver_error as exc:
+            # The plan's own SQL errors stay the driver's; only a lock wait or a
+            # lost session is the handler's business.
+            if engine.classify(exc) == "other":
+                raise
+            raise self._wrap(exc, lease, "execute", None) from exc
+        finally:
+            self._leave(lease)
 
     async def acreate_checkpoint(
         self, resource: Resource, plan_id: str, checkpoint_id: str
@@ -599,12 +609,11 @@ class DatabaseResourceHandler(ResourceHandler):
 
     # -- leases ---------------------------------------------------------------
 
-    def _engine_for(self, resource: Resource) -> Engine:
-        with self._lock:
-            return self._settings(resource, "")[1].engine
-
     def _settings(self, resource: Resource, plan_id: str) -> tuple[Any, _Database]:
-        """Validate *resource* (cached) and find its database. Call with ``_lock`` held."""
+        """Validate *resource* and find its database (both cached). Call with ``_lock`` held."""
+        found = self._resolved.get(resource)
+        if found is not None:
+            return found
         try:
             settings = _validated(resource)
         except ValidationError as exc:
@@ -621,6 +630,9 @@ class DatabaseResourceHandler(ResourceHandler):
         if database is None:
             database = _Database(identity, engine, engine.describe(settings))
             self._databases[identity] = database
+        if len(self._resolved) >= _MAX_RESOLVED:
+            self._resolved.clear()  # a process that makes endless resources stays bounded
+        self._resolved[resource] = (settings, database)
         return settings, database
 
     def _enter(
@@ -928,29 +940,30 @@ class DatabaseResourceHandler(ResourceHandler):
             for lease in leases:
                 lease.lock.acquire()
         committed: list[str] = []
-        error: ResourceError | None = None
+        errors: list[BaseException] = []
         try:
             for lease in leases:
-                if commit and error is None:
+                if commit and not errors:
                     try:
                         self._end_lease(lease, commit=True, ended="released")
                         committed.append(lease.resource)
                         continue
-                    except ResourceError as exc:
-                        error = exc
+                    except BaseException as exc:
+                        errors.append(exc)
                 try:
                     self._end_lease(lease, commit=False, ended="rolled back")
-                except ResourceError as exc:
-                    error = error or exc
+                except BaseException as exc:
+                    errors.append(exc)
         finally:
             for lease in leases:
                 lease.lock.release()
         with self._lock:
-            self._counts["commits" if commit and error is None else "rollbacks"] += 1
-        if error is None:
+            self._counts["commits" if commit and not errors else "rollbacks"] += 1
+        if not errors:
             logger.debug("plan %r %s", plan.plan_id, "released" if commit else "rolled back")
             return
-        if commit and committed:
+        error = errors[0]
+        if commit and committed and isinstance(error, ResourceError):
             raise PartialCommitError(
                 f"commit failed after {committed!r} were committed; the rest were rolled "
                 f"back: {error.reason}",
@@ -979,11 +992,12 @@ class DatabaseResourceHandler(ResourceHandler):
                 )
         try:
             (engine.commit if commit else engine.rollback)(lease.conn)
-        except engine.driver_error as exc:
-            error = self._wrap(exc, lease, "commit" if commit else "rollback", None)
-            if not commit:
+        except BaseException as exc:
+            if not commit:  # the connection's state is unknown: never lend it again
                 self._checkin(lease, broken=True)
-            raise error from exc
+            if isinstance(exc, engine.driver_error):
+                raise self._wrap(exc, lease, "commit" if commit else "rollback", None) from exc
+            raise
         self._checkin(lease)
 
     def _pick_victim(self, asking: _Plan) -> _Plan | None:
@@ -1093,7 +1107,8 @@ class DatabaseResourceHandler(ResourceHandler):
                 expiry = plan.last_used + plan.ttl
                 if expiry > now or not self._try_lock_plan(plan):
                     # Used since this deadline was set, or in use right now.
-                    plan.deadline = self._reaper.schedule(max(expiry, now + plan.ttl / 2), plan)
+                    when = expiry if expiry > now else now + plan.ttl
+                    plan.deadline = self._reaper.schedule(when, plan)
                     continue
                 self._end_quietly(plan, "expired", now)
                 reaped.append(plan)

@@ -1,0 +1,99 @@
+"""Shared pytest fixtures: a temporary database, handlers that always close, fd counting."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cleveragents.resource import Resource
+from cleveragents.resource.handlers.database import DatabaseResourceHandler
+
+
+def open_fds() -> int:
+    """Return how many file descriptors this process has open (from /proc/self/fd)."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def fds_to(path: str | os.PathLike[str]) -> int:
+    """Return how many of this process's descriptors point at *path* or its -wal/-shm files."""
+    base = os.path.realpath(path)
+    names = {base, f"{base}-wal", f"{base}-shm", f"{base}-journal"}
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # closed between listdir and readlink
+        if target in names:
+            count += 1
+    return count
+
+
+def query(path: str | os.PathLike[str], sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
+    """Run *sql* on a separate, short-lived sqlite3 connection and return its rows."""
+    conn = sqlite3.connect(path, timeout=10)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def make_table(path: str | os.PathLike[str], ddl: str = "CREATE TABLE t (v TEXT)") -> None:
+    """Create a table in the database at *path*, outside any handler."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute(ddl)
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def fd_count() -> Callable[[], int]:
+    """Return :func:`open_fds`, to count this process's open descriptors."""
+    return open_fds
+
+
+@pytest.fixture
+def rows() -> Callable[..., list[tuple[Any, ...]]]:
+    """Return :func:`query`, to read rows through a separate sqlite3 connection."""
+    return query
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    """Return the path of a fresh SQLite database file with a table ``t (v TEXT)``."""
+    path = tmp_path / "test.db"
+    make_table(path)
+    return path
+
+
+@pytest.fixture
+def resource(db_path: Path) -> Resource:
+    """Return a database resource on :func:`db_path`."""
+    return Resource(name="db", kind="database", engine="sqlite", location=str(db_path))
+
+
+@pytest.fixture
+def make_handler() -> Iterator[Callable[..., DatabaseResourceHandler]]:
+    """Return a factory of handlers; every handler it made is closed after the test."""
+    made: list[DatabaseResourceHandler] = []
+
+    def factory(**options: Any) -> DatabaseResourceHandler:
+        handler = DatabaseResourceHandler(**options)
+        made.append(handler)
+        return handler
+
+    yield factory
+    for handler in made:
+        handler.close()
+
+
+@pytest.fixture
+def handler(make_handler: Callable[..., DatabaseResourceHandler]) -> DatabaseResourceHandler:
+    """Return a handler with small limits that is closed after the test."""
+    return make_handler(max_connections=4, acquire_timeout=2.0)
