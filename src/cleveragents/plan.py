@@ -316,17 +316,30 @@ def load_plan(
     plan_path = Path(path)
     shown = str(path)
     data, located = _parse(plan_path, shown)
-    try:
-        plan = Plan.model_validate(data)
-    except ValidationError as exc:
-        raise PlanError(_problems_from(exc, (), data, located, shown)) from None
-
     problems: list[PlanProblem] = []
 
     def problem(where: tuple[Any, ...], message: str) -> None:
         problems.append(
             PlanProblem(shown, located.line_of(where, data), _field_name(where), message)
         )
+
+    # Duplicate ids are found on the raw data too, so they are reported along
+    # with any other problem instead of only once the rest is valid.
+    seen: set[Any] = set()
+    raw_steps = data.get("steps")
+    for index, raw in enumerate(raw_steps if isinstance(raw_steps, list) else []):
+        step_id = raw.get("id") if isinstance(raw, dict) else None
+        if isinstance(step_id, str) and step_id in seen:
+            problem(("steps", index, "id"), f"duplicate step id {step_id!r}")
+        seen.add(step_id)
+    try:
+        plan = Plan.model_validate(data)
+    except ValidationError as exc:
+        found = _problems_from(exc, (), data, located, shown)
+        problems += [p for p in found if not p.message.startswith("duplicate step id")]
+        raise PlanError(sorted(problems, key=lambda p: p.line or 0)) from None
+    if problems:
+        raise PlanError(problems)
 
     roots = allowed_roots(plan_path, allowed_roots_extra)
     resources: dict[str, ResourceEntry] = {}
