@@ -628,12 +628,24 @@ class DatabaseResourceHandler(ResourceHandler):
         identity = engine.identity(settings, resource.name)
         database = self._databases.get(identity)
         if database is None:
+            if len(self._databases) >= _MAX_RESOLVED:
+                self._forget_unused_databases()
             database = _Database(identity, engine, engine.describe(settings))
             self._databases[identity] = database
         if len(self._resolved) >= _MAX_RESOLVED:
-            self._resolved.clear()  # a process that makes endless resources stays bounded
+            self._resolved.clear()
         self._resolved[resource] = (settings, database)
         return settings, database
+
+    def _forget_unused_databases(self) -> None:
+        """Drop databases nothing uses, so endless distinct files stay bounded; hold ``_lock``."""
+        used = {entry.database.identity for entry in self._idle.values()}
+        used |= {identity for plan in self._plans.values() for identity in plan.leases}
+        for identity, database in list(self._databases.items()):
+            busy = database.turnstile.holder is not None or database.memory_conn is not None
+            if identity not in used and not busy:
+                del self._databases[identity]
+        self._resolved.clear()
 
     def _enter(
         self,

@@ -119,6 +119,8 @@ class SQLiteEngine(Engine):
                     if self.classify(exc) != "busy" or time.monotonic() >= deadline:
                         raise
                     time.sleep(0.01)
+            if len(self._journal_ready) >= 4096:
+                self._journal_ready.clear()  # setting it again is harmless; growing is not
             self._journal_ready.add(key)
 
     def begin(self, conn: sqlite3.Connection, settings: SQLiteSettings, *, plan_id: str) -> None:

@@ -1,0 +1,154 @@
+"""Resource values and HandlerStats snapshots."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+
+from cleveragents.resource import Resource
+from cleveragents.resource.handlers.database import DatabaseResourceHandler, HandlerStats
+
+
+def _inventory(**extra: object) -> Resource:
+    return Resource(name="inv", kind="database", engine="sqlite", location="inv.db", **extra)
+
+
+def test_resources_with_the_same_keys_are_equal_and_hash_alike() -> None:
+    first = _inventory(checkpoint_ttl=0.5)
+    second = Resource("inv", "database", checkpoint_ttl=0.5, location="inv.db", engine="sqlite")
+    assert first == second
+    assert hash(first) == hash(second)
+    assert {first: "x"}[second] == "x"
+    assert len({first, second}) == 1
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        Resource(name="other", kind="database", engine="sqlite", location="inv.db"),
+        Resource(name="inv", kind="queue", engine="sqlite", location="inv.db"),
+        Resource(name="inv", kind="database", engine="sqlite", location="other.db"),
+        Resource(name="inv", kind="database", engine="sqlite", location="inv.db", lock="deferred"),
+    ],
+)
+def test_resources_differing_in_any_key_are_not_equal(other: Resource) -> None:
+    assert _inventory() != other
+    assert other != _inventory()
+
+
+def test_resource_is_not_equal_to_other_types() -> None:
+    resource = _inventory()
+    assert resource != ("inv", "database")
+    assert resource.__eq__(object()) is NotImplemented
+    assert resource == resource
+
+
+def test_resource_exposes_its_settings_as_attributes_and_options() -> None:
+    resource = _inventory(busy_timeout="250ms")
+    assert resource.name == "inv"
+    assert resource.kind == "database"
+    assert resource.location == "inv.db"
+    assert resource.busy_timeout == "250ms"
+    assert dict(resource.options) == {
+        "engine": "sqlite",
+        "location": "inv.db",
+        "busy_timeout": "250ms",
+    }
+    with pytest.raises(AttributeError):
+        _ = resource.journal_mode
+
+
+def test_resource_repr_hides_secrets() -> None:
+    resource = Resource(
+        name="pg",
+        kind="database",
+        engine="postgresql",
+        dsn="postgresql://app:s3cret@db.example/prod",
+        password="hunter2",
+    )
+    shown = repr(resource)
+    assert "s3cret" not in shown
+    assert "hunter2" not in shown
+    assert "db.example" not in shown
+    assert "dsn=***" in shown
+    assert "password=***" in shown
+    assert shown.startswith("Resource(name='pg', kind='database'")
+    assert "engine='postgresql'" in shown
+
+
+def test_resource_is_immutable() -> None:
+    resource = _inventory()
+    with pytest.raises(AttributeError, match="immutable"):
+        resource.name = "changed"  # type: ignore[misc]
+    with pytest.raises(AttributeError, match="immutable"):
+        resource.location = "elsewhere.db"
+    with pytest.raises(TypeError):
+        resource.options["location"] = "elsewhere.db"  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        del resource.name
+    assert resource.name == "inv"
+    assert resource.location == "inv.db"
+
+
+def test_resource_does_not_share_the_callers_dict() -> None:
+    options = {"engine": "sqlite", "location": "inv.db"}
+    resource = Resource("inv", "database", **options)
+    before = hash(resource)
+    options["location"] = "changed.db"
+    assert resource.location == "inv.db"
+    assert hash(resource) == before
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "match"),
+    [("", "database", "non-empty name"), ("inv", "", "non-empty kind"), (None, "x", "name")],
+)
+def test_resource_needs_a_name_and_a_kind(name: object, kind: object, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Resource(name, kind)  # type: ignore[arg-type]
+
+
+def test_handler_stats_reads_as_a_mapping(tmp_path: Path) -> None:
+    resource = Resource("db", "database", engine="sqlite", location=str(tmp_path / "s.db"))
+    with DatabaseResourceHandler(max_connections=2) as handler:
+        handler.create_checkpoint(resource, "p1", "first")
+        handler.create_checkpoint(resource, "p1", "second")
+        stats = handler.stats()
+    assert isinstance(stats, Mapping)
+    assert isinstance(stats, HandlerStats)
+    assert stats["open_connections"] == stats.open_connections == 1
+    assert stats["active_plans"] == 1
+    assert stats["checkpoints"] == 2
+    assert set(stats) >= {
+        "open_connections",
+        "idle_connections",
+        "active_plans",
+        "checkpoints",
+        "commits",
+        "rollbacks",
+        "reaped",
+        "evicted",
+        "close_failures",
+    }
+    assert len(stats) == len(list(stats)) == len(dict(stats))
+    assert dict(stats)["commits"] == 0
+    assert stats.get("no_such_counter") is None
+    assert "checkpoints" in stats
+    with pytest.raises(KeyError):
+        stats["no_such_counter"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        stats.commits = 5  # type: ignore[misc]
+
+
+def test_handler_stats_after_close_shows_everything_freed(tmp_path: Path) -> None:
+    resource = Resource("db", "database", engine="sqlite", location=str(tmp_path / "s.db"))
+    handler = DatabaseResourceHandler(max_connections=2)
+    handler.create_checkpoint(resource, "p1", "first")
+    handler.close()
+    stats = handler.stats()
+    assert (stats.open_connections, stats.idle_connections, stats.active_plans) == (0, 0, 0)
+    assert stats.rollbacks == 1
+    assert stats.commits == 0
