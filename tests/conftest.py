@@ -59,6 +59,12 @@ def fd_count() -> Callable[[], int]:
 
 
 @pytest.fixture
+def file_fds() -> Callable[[str | os.PathLike[str]], int]:
+    """Return :func:`fds_to`, to count descriptors open on one database and its -wal/-shm."""
+    return fds_to
+
+
+@pytest.fixture
 def rows() -> Callable[..., list[tuple[Any, ...]]]:
     """Return :func:`query`, to read rows through a separate sqlite3 connection."""
     return query

@@ -135,7 +135,7 @@ def run(
     with runtime:
         loaded = _load_all(runtime, plans)
         with _signals_interrupt(runtime) as received:
-            results = _run_plans(runtime, loaded, parallel, as_json)
+            results = _run_plans(runtime, loaded, parallel, as_json, received)
     for result in results:
         for error in result.subscriber_errors:
             _err.print(f"warning: plan {result.plan!r}: {error}", markup=False)
@@ -151,7 +151,11 @@ def run(
 
 
 def _run_plans(
-    runtime: Runtime, plans: Sequence[Plan], parallel: int, as_json: bool
+    runtime: Runtime,
+    plans: Sequence[Plan],
+    parallel: int,
+    as_json: bool,
+    received: Sequence[int] = (),
 ) -> list[PlanResult]:
     """Run plans on worker threads, keeping the main thread free to take signals."""
     results: dict[int, PlanResult] = {}
@@ -162,6 +166,10 @@ def _run_plans(
         }
         while pending:
             done, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            if received:
+                # A statement that began just after the signal was not running when
+                # it came: interrupt again until every plan has stopped.
+                runtime.interrupt(f"interrupted by {signal.Signals(received[0]).name}")
             for future in done:
                 index = pending.pop(future)
                 results[index] = future.result()
@@ -275,6 +283,64 @@ def schema() -> None:
     except PluginError as exc:
         _bad_input([f"cleveragents: {exc}"])
     _print_json_obj(plan_json_schema(kinds))
+
+
+@cli.command()
+@click.option(
+    "--db",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="SQLite database file [default: a temporary one, removed afterwards].",
+)
+@click.option("--writers", type=click.IntRange(1), default=30, show_default=True)
+@click.option("--readers", type=click.IntRange(0), default=10, show_default=True)
+@click.option("--seconds", type=click.FloatRange(0, min_open=True), default=60.0, show_default=True)
+@click.option(
+    "--executor-threads",
+    type=click.IntRange(1),
+    default=32,
+    show_default=True,
+    help="Threads of the executor behind asyncio.to_thread.",
+)
+@click.option(
+    "--fd-limit",
+    type=click.IntRange(64),
+    default=None,
+    help="Lower this process's open-descriptor limit (RLIMIT_NOFILE) to N.",
+)
+@click.option("--max-connections", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--engine", default="sqlite", show_default=True, help="Database engine.")
+@click.option(
+    "--dsn", default=None, help="Connection string for --engine postgresql ('${NAME}' reads NAME)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Draw descriptors and throughput over time into FILE (.svg, .png, .pdf).",
+)
+def stress(as_json: bool, plot: str | None, **settings: Any) -> None:
+    """Run writer plans and readers on one database; exit 0 if healthy, 1 if not.
+
+    Healthy: no errors, every committed plan's rows present and every rolled-back
+    plan's rows absent, and open descriptors bounded by the connection limit.
+    """
+    from cleveragents import stress as harness
+
+    try:
+        options = harness.StressOptions(**settings)
+    except ValueError as exc:
+        _bad_input([f"cleveragents stress: {exc}"])
+    problem = harness.check_resource(options) or (plot and harness.plot_problem(plot))
+    if problem:
+        _bad_input([f"cleveragents stress: {problem}"])
+    with harness.LiveLine(_err) as live:
+        report = harness.run_stress(options, progress=live)
+    harness.print_report(report, as_json=as_json)
+    if plot:
+        harness.write_plot(report, plot)
+    sys.exit(harness.exit_status(report))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cleveragents.errors import PlanError, PlanProblem
-from cleveragents.resource.base import Resource
+from cleveragents.resource.base import _SECRET_KEYS, Resource
 
 if TYPE_CHECKING:
     from cleveragents.resource.registry import ResourceRegistry
@@ -118,6 +118,11 @@ class ResourceEntry(BaseModel):
         """Return the :class:`Resource` this entry describes."""
         return Resource(name, self.kind, **(self.model_extra or {}))
 
+    def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
+        # A secret setting (a DSN) never shows in repr(), as in Resource's.
+        for key, value in super().__repr_args__():
+            yield key, "***" if key in _SECRET_KEYS else value
+
 
 class Plan(BaseModel):
     """A validated plan: its resources and its steps, in order."""
@@ -187,8 +192,18 @@ def _walk(node: yaml.Node, path: tuple[Any, ...], located: _Located, seen: set[i
         raise _TooLarge
     located.lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
+        first_lines: dict[tuple[str, str], int] = {}
         for key_node, value_node in node.value:
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if isinstance(key, str) and key != "<<":
+                # PyYAML keeps the last of two equal keys; a reader sees the first.
+                first = first_lines.get((key_node.tag, key))
+                if first is not None:
+                    problem = f"duplicate key {key!r} (first at line {first})"
+                    raise yaml.constructor.ConstructorError(
+                        None, None, problem, key_node.start_mark
+                    )
+                first_lines[(key_node.tag, key)] = key_node.start_mark.line + 1
             located.lines.setdefault((*path, key), key_node.start_mark.line + 1)
             _walk(value_node, (*path, key), located, seen)
     elif isinstance(node, yaml.SequenceNode):

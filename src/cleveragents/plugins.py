@@ -40,7 +40,15 @@ def get_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginManage
         pm.register(module, name=module_name)
     if load_entry_points:
         _load_entry_points(pm)
-    pm.check_pending()
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        # A hook implementation no spec knows (often a typo in a plugin).
+        name = pm.get_name(exc.plugin) or repr(exc.plugin)
+        source = _sources(pm).get(name, "built-in")
+        raise PluginError(
+            f"plugin {name!r} from distribution {source!r} is invalid: {exc}", plugin=source
+        ) from exc
     return pm
 
 

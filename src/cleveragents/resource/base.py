@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from types import MappingProxyType, TracebackType
@@ -48,13 +49,23 @@ class Resource:
         object.__setattr__(self, "_hash", hash((name, kind, frozenset(options))))
 
     def __getattr__(self, key: str) -> Any:
+        # copy and pickle probe for special names on an instance whose slots are
+        # not set yet: answer those without reading 'options', which would recurse.
+        if key.startswith("_") or key == "options":
+            raise AttributeError(key)
         try:
             return self.options[key]
         except KeyError:
             raise AttributeError(key) from None
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (functools.partial(Resource, self.name, self.kind, **self.options), ())
+
     def __setattr__(self, key: str, value: Any) -> None:
         raise AttributeError(f"Resource is immutable; cannot set {key!r}")
+
+    def __delattr__(self, key: str) -> None:
+        raise AttributeError(f"Resource is immutable; cannot delete {key!r}")
 
     def __eq__(self, other: object) -> bool:
         if self is other:

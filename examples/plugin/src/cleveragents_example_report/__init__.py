@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from typing import Any
 
 from cleveragents.hookspecs import hookimpl
@@ -12,13 +13,15 @@ from cleveragents.hookspecs import hookimpl
 def send_report(ctx: Any, channel: str = "ops", resource: str = "inventory") -> None:
     """Count the items running low and record a report row in the plan's transaction."""
     with ctx.connection(resource) as conn:
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS reports (plan TEXT, channel TEXT, low_items INT)"
-        )
+        conn.execute("CREATE TABLE IF NOT EXISTS reports (plan TEXT, channel TEXT, low_items INT)")
         (low,) = conn.execute("SELECT count(*) FROM items WHERE qty < 3").fetchone()
         if channel == "nowhere":
             raise RuntimeError("channel 'nowhere' does not exist")
-        conn.execute("INSERT INTO reports VALUES (?, ?, ?)", (ctx.plan_id, channel, low))
+        # sqlite3 binds '?', psycopg (engine: postgresql) binds '%s'.
+        mark = "?" if isinstance(conn, sqlite3.Connection) else "%s"
+        conn.execute(
+            f"INSERT INTO reports VALUES ({mark}, {mark}, {mark})", (ctx.plan_id, channel, low)
+        )
 
 
 @hookimpl

@@ -32,7 +32,7 @@ from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Annotated, Any, ClassVar, Literal, Self, Union, final
 
-from pydantic import Discriminator, Field, Tag, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cleveragents.durations import Duration
@@ -50,6 +50,7 @@ from cleveragents.errors import (
 from cleveragents.hookspecs import hookimpl
 from cleveragents.resource.base import CheckpointResult, Resource, ResourceHandler
 from cleveragents.resource.handlers.engine import Engine
+from cleveragents.resource.handlers.postgresql import PostgreSQLEngine
 from cleveragents.resource.handlers.sqlite import SQLiteEngine
 from cleveragents.resource.reaper import Deadline, Reaper
 
@@ -58,7 +59,10 @@ logger = logging.getLogger(__name__)
 OnFull = Literal["wait", "evict_lru"]
 
 #: Engines by the value of ``engine:``; each handler makes its own instance.
-ENGINES: dict[str, type[Engine]] = {SQLiteEngine.name: SQLiteEngine}
+ENGINES: dict[str, type[Engine]] = {
+    SQLiteEngine.name: SQLiteEngine,
+    PostgreSQLEngine.name: PostgreSQLEngine,
+}
 
 # How many reaped/evicted plans are remembered so that their next call can
 # raise. Older ones are forgotten: a forgotten plan must not grow memory forever.
@@ -102,11 +106,29 @@ def _settings_adapter() -> TypeAdapter[Any]:
     """Return the validator of a database resource: one settings model per engine."""
     choices: Any = tuple(Annotated[cls.settings_model, Tag(name)] for name, cls in ENGINES.items())
     union: Any = Union[choices]  # noqa: UP007 - built from a tuple at run time
-    return TypeAdapter(Annotated[union, Discriminator(_engine_of)])
+    # Inputs stay out of error messages: one of them may be a DSN with a password.
+    config = ConfigDict(hide_input_in_errors=True)
+    return TypeAdapter(Annotated[union, Discriminator(_engine_of)], config=config)
 
 
 @functools.lru_cache(maxsize=1024)
 def _validated(resource: Resource) -> Any:
+    engine = resource.options.get("engine", "sqlite")
+    if not isinstance(engine, str) or engine not in ENGINES:
+        # The union would report an unknown engine against the whole resource;
+        # report it against the 'engine' key, so the plan error names its line.
+        expected = " or ".join(repr(name) for name in ENGINES)
+        raise ValidationError.from_exception_data(
+            "DatabaseSettings",
+            [
+                {
+                    "type": "literal_error",
+                    "loc": ("engine",),
+                    "input": engine,
+                    "ctx": {"expected": expected},
+                }
+            ],
+        )
     return _settings_adapter().validate_python(dict(resource.options))
 
 
@@ -625,6 +647,7 @@ class DatabaseResourceHandler(ResourceHandler):
         engine = self._engines.get(settings.engine)
         if engine is None:
             engine = self._engines[settings.engine] = ENGINES[settings.engine]()
+            engine.default_checkpoint_ttl = self.config.checkpoint_ttl
         identity = engine.identity(settings, resource.name)
         database = self._databases.get(identity)
         if database is None:
@@ -854,7 +877,11 @@ class DatabaseResourceHandler(ResourceHandler):
                         self._counts["waits"] += 1
                     if remaining <= 0:
                         self._counts["wait_timeouts"] += 1
-                        holders = sorted(self._plans)
+                        holders = sorted(
+                            plan.plan_id
+                            for plan in self._plans.values()
+                            if any(held.conn is not None for held in plan.leases.values())
+                        )
                         raise PoolExhaustedError(
                             f"all {self.config.max_connections} connections are held by live "
                             f"plans {holders[:10]!r} for longer than acquire_timeout "

@@ -27,6 +27,8 @@ class Engine(abc.ABC):
     serializes_writers: ClassVar[bool]
     #: The driver's base exception class; these are wrapped into ResourceError.
     driver_error: ClassVar[type[BaseException]]
+    #: The handler's ``checkpoint_ttl``, for resources that set none (the handler sets it).
+    default_checkpoint_ttl: float = 300.0
 
     @abc.abstractmethod
     def identity(self, settings: Any, resource_name: str) -> Hashable:

@@ -1,0 +1,280 @@
+"""PostgreSQL engine pieces that need no server: settings, the DSN secret, placeholders, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from cleveragents.errors import PlanError, ResourceError
+from cleveragents.plan import load_plan
+from cleveragents.resource import Resource
+from cleveragents.resource.handlers import postgresql
+from cleveragents.resource.handlers.database import DatabaseResourceHandler
+from cleveragents.resource.handlers.postgresql import (
+    PostgreSQLEngine,
+    PostgreSQLSettings,
+    _application_name,
+    _to_pyformat,
+)
+
+psycopg = pytest.importorskip("psycopg")
+
+SECRET = "pa55-w0rd-s3cret"
+DSN = f"postgresql://agent:{SECRET}@127.0.0.1:1/inventory"
+CLI = Path(sys.executable).with_name("cleveragents")
+
+
+def _plan(tmp_path: Path, resource: str, name: str = "plan.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(
+        "id: p\nresources:\n  inv:\n    kind: database\n"
+        + resource
+        + "steps:\n  - id: one\n    resource: inv\n    sql: SELECT 1\n"
+    )
+    return path
+
+
+# -- placeholders -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        ("UPDATE t SET q = q + :n WHERE q < :low", "UPDATE t SET q = q + %(n)s WHERE q < %(low)s"),
+        ("SELECT :a::text, x::int", "SELECT %(a)s::text, x::int"),
+        ("SELECT ':no', \"col:no\", :yes", "SELECT ':no', \"col:no\", %(yes)s"),
+        ("SELECT 'it''s :no', :yes", "SELECT 'it''s :no', %(yes)s"),
+        ("SELECT E'it\\'s :no', :yes", "SELECT E'it\\'s :no', %(yes)s"),
+        ("SELECT $$ :no $$, $f$ :no $f$, :yes", "SELECT $$ :no $$, $f$ :no $f$, %(yes)s"),
+        ("SELECT :yes -- :no\n, 1 /* :no */", "SELECT %(yes)s -- :no\n, 1 /* :no */"),
+        ("SELECT '100%' LIKE :p, 5 % 2", "SELECT '100%%' LIKE %(p)s, 5 %% 2"),
+        (
+            "SELECT data ? 'key' FROM t WHERE id = :id",
+            "SELECT data ? 'key' FROM t WHERE id = %(id)s",
+        ),
+    ],
+)
+def test_named_parameters_become_psycopg_placeholders(sql: str, expected: str) -> None:
+    assert _to_pyformat(sql, "named") == expected
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        ("INSERT INTO t VALUES (?, ?)", "INSERT INTO t VALUES (%s, %s)"),
+        ("SELECT '?', \"?\", ? -- ?", "SELECT '?', \"?\", %s -- ?"),
+        ("SELECT :kept, '5%', ?", "SELECT :kept, '5%%', %s"),
+    ],
+)
+def test_positional_parameters_become_psycopg_placeholders(sql: str, expected: str) -> None:
+    assert _to_pyformat(sql, "qmark") == expected
+
+
+# -- settings -----------------------------------------------------------------------
+
+
+def test_dsn_is_a_secret_in_settings_and_resource() -> None:
+    settings = PostgreSQLSettings(engine="postgresql", dsn=DSN)
+    resource = Resource("inv", "database", engine="postgresql", dsn=DSN)
+    for shown in (repr(settings), str(settings), repr(resource), settings.model_dump_json()):
+        assert SECRET not in shown
+        assert DSN not in shown
+    assert settings.busy_timeout == 5.0
+    assert settings.checkpoint_ttl is None
+
+
+def test_dsn_reads_an_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INVENTORY_DSN", DSN)
+    settings = PostgreSQLSettings(engine="postgresql", dsn="${INVENTORY_DSN}")
+    assert settings.resolved_dsn() == DSN
+    monkeypatch.setenv("INVENTORY_DSN", "host=elsewhere dbname=x")
+    assert settings.resolved_dsn() == "host=elsewhere dbname=x"
+    monkeypatch.delenv("INVENTORY_DSN")
+    with pytest.raises(ResourceError, match="'INVENTORY_DSN' is not set"):
+        settings.resolved_dsn()
+
+
+def test_an_unset_variable_is_bad_input_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("NO_SUCH_DSN", raising=False)
+    path = _plan(tmp_path, '    engine: postgresql\n    dsn: "${NO_SUCH_DSN}"\n')
+    with pytest.raises(PlanError) as caught:
+        load_plan(path)
+    assert [str(p) for p in caught.value.problems] == [
+        f"{path}:6: resources.inv.dsn: environment variable 'NO_SUCH_DSN' is not set "
+        "(dsn: '${NO_SUCH_DSN}' reads it)"
+    ]
+
+
+def test_validate_with_an_unset_variable_exits_2_naming_it(tmp_path: Path) -> None:
+    path = _plan(tmp_path, '    engine: postgresql\n    dsn: "${NO_SUCH_DSN_EITHER}"\n')
+    env = {"PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [CLI, "validate", str(path)], capture_output=True, text=True, env=env, check=False
+    )
+    assert result.returncode == 2, result.stderr
+    assert "NO_SUCH_DSN_EITHER" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("location", "inv.db"),
+        ("journal_mode", "wal"),
+        ("synchronous", "full"),
+        ("foreign_keys", "true"),
+        ("lock", "deferred"),
+    ],
+)
+def test_sqlite_only_keys_are_bad_input(tmp_path: Path, key: str, value: str) -> None:
+    path = _plan(tmp_path, f"    engine: postgresql\n    dsn: {DSN}\n    {key}: {value}\n")
+    with pytest.raises(PlanError) as caught:
+        load_plan(path)
+    assert [str(p) for p in caught.value.problems] == [
+        f"{path}:7: resources.inv.{key}: unknown key"
+    ]
+
+
+def test_a_postgresql_resource_needs_a_dsn(tmp_path: Path) -> None:
+    path = _plan(tmp_path, "    engine: postgresql\n    location: inv.db\n")
+    with pytest.raises(PlanError) as caught:
+        load_plan(path)
+    messages = sorted(str(p) for p in caught.value.problems)
+    assert any("resources.inv.dsn: required key is missing" in m for m in messages), messages
+    assert any("resources.inv.location: unknown key" in m for m in messages), messages
+
+
+@pytest.mark.parametrize("dsn", ["", "   "])
+def test_an_empty_dsn_is_bad_input(tmp_path: Path, dsn: str) -> None:
+    path = _plan(tmp_path, f"    engine: postgresql\n    dsn: '{dsn}'\n")
+    with pytest.raises(PlanError, match=r"resources\.inv\.dsn: the dsn is empty"):
+        load_plan(path)
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [f"postgresql://agent:{SECRET}@[::1", f"host=db password={SECRET} oops", f"{SECRET} x"],
+)
+def test_a_dsn_that_does_not_parse_is_not_quoted(tmp_path: Path, dsn: str) -> None:
+    path = _plan(tmp_path, f"    engine: postgresql\n    dsn: '{dsn}'\n")
+    with pytest.raises(PlanError) as caught:
+        load_plan(path)
+    (problem,) = caught.value.problems
+    assert problem.field == "resources.inv.dsn"
+    assert "does not parse" in problem.message
+    assert SECRET not in str(caught.value)
+    assert caught.value.__cause__ is None
+    with pytest.raises(ValidationError) as invalid:
+        PostgreSQLSettings(engine="postgresql", dsn=dsn)
+    assert SECRET not in str(invalid.value)
+    resource = Resource("inv", "database", engine="postgresql", dsn=dsn, lock="x")
+    with pytest.raises(ValidationError) as invalid:
+        DatabaseResourceHandler.validate_settings(resource)
+    assert SECRET not in str(invalid.value)
+
+
+def test_a_dsn_that_does_not_parse_at_open_is_not_quoted() -> None:
+    # Validated while it parsed; the variable changed before the session opened.
+    bad = f"postgresql://agent:{SECRET}@[::1"
+    resource = Resource("inv", "database", engine="postgresql", dsn="${PG_UNITS_DSN}")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PG_UNITS_DSN", DSN)
+        DatabaseResourceHandler.validate_settings(resource)
+        patch.setenv("PG_UNITS_DSN", bad)
+        with DatabaseResourceHandler() as handler, pytest.raises(ResourceError) as caught:
+            handler.execute(resource, "p1", "SELECT 1")
+    assert "does not parse" in str(caught.value)
+    chain: BaseException | None = caught.value
+    while chain is not None:
+        assert SECRET not in str(chain)
+        chain = chain.__cause__ or chain.__context__
+
+
+def test_the_schema_marks_the_dsn_write_only() -> None:
+    result = subprocess.run([CLI, "schema"], capture_output=True, text=True, check=True)
+    definition = json.loads(result.stdout)["$defs"]["PostgreSQLSettings"]
+    assert definition["properties"]["dsn"]["writeOnly"] is True
+    assert "location" not in definition["properties"]
+
+
+# -- psycopg missing ----------------------------------------------------------------
+
+
+def test_without_psycopg_validation_works_and_use_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg now raises ImportError
+    path = _plan(tmp_path, f"    engine: postgresql\n    dsn: {DSN}\n")
+    plan = load_plan(path)
+    with DatabaseResourceHandler() as handler:
+        with pytest.raises(ResourceError, match=r"pip install 'cleveragents\[postgresql\]'"):
+            handler.execute(plan.resource("inv"), "p1", "SELECT 1")
+        assert handler.stats().open_connections == 0
+        assert handler.stats().active_plans == 0
+
+
+def test_import_cleveragents_does_not_import_psycopg() -> None:
+    code = (
+        "import sys, cleveragents\n"
+        "from cleveragents.resource.handlers import database\n"
+        "assert 'psycopg' not in sys.modules, 'psycopg was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- errors -------------------------------------------------------------------------
+
+
+def test_lock_deadlock_and_serialization_errors_are_busy() -> None:
+    engine = PostgreSQLEngine()
+    errors = psycopg.errors
+    for error in (errors.LockNotAvailable, errors.DeadlockDetected, errors.SerializationFailure):
+        assert engine.classify(error("x")) == "busy"
+    for error in (errors.IdleInTransactionSessionTimeout, errors.AdminShutdown):
+        assert engine.classify(error("x")) == "lost"
+    assert engine.classify(errors.ConnectionFailure("x")) == "lost"
+    assert engine.classify(psycopg.OperationalError("the connection is closed")) == "lost"
+    assert engine.classify(errors.UniqueViolation("x")) == "other"
+    assert engine.classify(errors.QueryCanceled("x")) == "other"
+    assert engine.classify(ValueError("x")) == "other"
+
+
+def test_driver_messages_are_redacted() -> None:
+    engine = PostgreSQLEngine()
+    engine._remember_secrets(DSN)
+    for message in (
+        f"bad thing in {DSN}",
+        f"password={SECRET} host=x",
+        f"in URI: postgresql://agent:{SECRET}@host/db",
+        f"password: {SECRET}",
+    ):
+        assert SECRET not in engine.redact(ValueError(message)), message
+    assert engine.redact(ValueError("password='a b' host=x")) == "password=*** host=x"
+    assert engine.redact(ValueError("postgres://u:p@h/db?password=q")) == (
+        "postgres://u:***@h/db?password=***"
+    )
+
+
+def test_application_name_is_printable_and_short() -> None:
+    name = _application_name("plän-" + "x" * 100)
+    assert name.startswith("cleveragents[")
+    assert ":pl?n-xxx" in name
+    assert len(name.encode()) == 63
+    assert postgresql._quote_literal("it's a \\ test") == "E'it''s a \\\\ test'"
+
+
+def test_a_loaded_plan_and_stress_options_hide_the_dsn(tmp_path: Path) -> None:
+    from cleveragents.stress import StressOptions
+
+    plan = load_plan(_plan(tmp_path, f"    engine: postgresql\n    dsn: '{DSN}'\n"))
+    options = StressOptions(engine="postgresql", dsn=DSN, seconds=1)
+    for shown in (repr(plan), str(plan), repr(plan.resources["inv"]), repr(options)):
+        assert SECRET not in shown
+    assert plan.resource("inv").dsn == DSN  # hidden from view, not lost

@@ -1,0 +1,423 @@
+"""Runtime edge cases: tools and their connections, expect, retry, interrupt, subscribers."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pluggy
+import pytest
+
+from cleveragents.errors import ResourceError
+from cleveragents.hookspecs import hookimpl
+from cleveragents.plan import Plan, ResourceEntry, Step
+from cleveragents.plugins import get_plugin_manager
+from cleveragents.resource import Resource, ResourceHandler
+from cleveragents.resource.registry import ResourceRegistry
+from cleveragents.runtime import PlanResult, Runtime
+from cleveragents.tools import ToolContext, ToolRegistry
+
+_LONG_QUERY = (
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 100000000) "
+    "SELECT count(*) FROM c"
+)
+
+
+class _Tools:
+    """Test tools, and a subscriber that records plan events."""
+
+    def __init__(self) -> None:
+        self.runtime: Runtime | None = None
+        self.events: list[str] = []
+        self.started = threading.Event()
+        self.fail_on: str | None = None
+
+    @hookimpl
+    def cleveragents_register_tools(self, registry: ToolRegistry) -> None:
+        registry.add("use_unknown", self.use_unknown)
+        registry.add("flaky", self.flaky)
+        registry.add("always_fails", self.always_fails)
+        registry.add("interrupt_then", self.interrupt_then)
+        registry.add("long_query", self.long_query)
+
+    @hookimpl
+    def cleveragents_plan_completed(self, plan: Plan) -> None:
+        self.events.append(f"completed {plan.id}")
+        if self.fail_on == "completed":
+            raise RuntimeError("subscriber broke on completed")
+
+    @hookimpl
+    def cleveragents_plan_failed(self, plan: Plan, error: BaseException) -> None:
+        self.events.append(f"failed {plan.id}: {type(error).__name__}")
+
+    def use_unknown(self, ctx: ToolContext) -> None:
+        with ctx.connection("nope"):
+            pass
+
+    def flaky(self, ctx: ToolContext, succeed_on: int = 2) -> None:
+        with ctx.connection("inv") as conn:
+            conn.execute("INSERT INTO t VALUES (?)", (f"{ctx.step_id} attempt {ctx.attempt}",))
+        if ctx.attempt < succeed_on:
+            raise RuntimeError(f"attempt {ctx.attempt} failed")
+
+    def always_fails(self, ctx: ToolContext) -> None:
+        with ctx.connection("inv") as conn:
+            conn.execute("INSERT INTO t VALUES ('doomed')")
+        raise ValueError("never works")
+
+    def interrupt_then(self, ctx: ToolContext, fail: bool = False) -> None:
+        assert self.runtime is not None
+        with ctx.connection("inv") as conn:
+            conn.execute("INSERT INTO t VALUES ('before interrupt')")
+        self.runtime.interrupt("SIGTERM")
+        if fail:
+            raise RuntimeError("failed after the interrupt")
+
+    def long_query(self, ctx: ToolContext) -> None:
+        with ctx.connection("inv") as conn:
+            conn.execute("INSERT INTO t VALUES ('before long query')")
+            self.started.set()
+            conn.execute(_LONG_QUERY).fetchall()
+
+
+@pytest.fixture
+def tools() -> _Tools:
+    return _Tools()
+
+
+@pytest.fixture
+def runtime(tools: _Tools) -> Iterator[Runtime]:
+    pm: pluggy.PluginManager = get_plugin_manager(load_entry_points=False)
+    pm.register(tools, name="test-tools")
+    with Runtime(plugin_manager=pm, handler_options={"database": {"max_connections": 4}}) as made:
+        tools.runtime = made
+        yield made
+
+
+@pytest.fixture
+def write_plan(db_path: Path) -> Callable[[str], Path]:
+    """Write a plan on resource ``inv`` (the test database) with the given steps."""
+
+    def write(steps: str) -> Path:
+        path = db_path.parent / "plan.yaml"
+        path.write_text(
+            f"id: p\nresources:\n  inv: {{kind: database, engine: sqlite, location: {db_path.name},"
+            f" synchronous: normal}}\nsteps:\n{steps}",
+            encoding="utf-8",
+        )
+        return path
+
+    return write
+
+
+def _run(runtime: Runtime, path: Path) -> PlanResult:
+    return runtime.run(runtime.load(path))
+
+
+def _idle(runtime: Runtime) -> None:
+    """Check the runtime's database handler holds no plan and lends no connection."""
+    stats = runtime.handlers["database"].stats()
+    assert stats["active_plans"] == 0
+    assert stats["open_connections"] == stats["idle_connections"]
+
+
+def test_a_tool_asking_for_an_unknown_resource_fails_its_step(
+    runtime: Runtime, write_plan: Callable[[str], Path], db_path: Path, rows: Any, tools: _Tools
+) -> None:
+    path = write_plan(
+        "  - {id: seed, resource: inv, sql: \"INSERT INTO t VALUES ('seed')\"}\n"
+        "  - {id: bad, tool: use_unknown}\n"
+        "  - {id: later, resource: inv, sql: \"INSERT INTO t VALUES ('later')\"}\n"
+    )
+    result = _run(runtime, path)
+    assert result.status == "failed"
+    assert result.failed_step == "bad"
+    assert result.error == "plan 'p' has no resource 'nope' (known: inv)"
+    assert [s.status for s in result.steps] == ["passed", "failed", "not run"]
+    assert rows(db_path, "SELECT v FROM t") == []
+    assert tools.events == ["failed p: ToolError"]
+    _idle(runtime)
+
+
+@pytest.mark.parametrize(
+    ("query", "error"),
+    [
+        ("SELECT 1 UNION ALL SELECT 2", "one row with one value, got [(1,), (2,)]"),
+        ("SELECT 1, 2", "one row with one value, got [(1, 2)]"),
+        ("SELECT 1 WHERE 0", "one row with one value, got []"),
+        ("SELECT 3", "expect: got 3, expected 0"),
+    ],
+)
+def test_expect_needs_exactly_one_matching_value(
+    runtime: Runtime,
+    write_plan: Callable[[str], Path],
+    db_path: Path,
+    rows: Any,
+    query: str,
+    error: str,
+) -> None:
+    path = write_plan(
+        "  - {id: seed, resource: inv, sql: \"INSERT INTO t VALUES ('seed')\"}\n"
+        f"  - {{id: check, resource: inv, expect: {{sql: '{query}', equals: 0}}}}\n"
+    )
+    result = _run(runtime, path)
+    assert result.status == "failed"
+    assert result.failed_step == "check"
+    assert result.error is not None
+    assert result.error.endswith(error)
+    assert rows(db_path, "SELECT v FROM t") == []
+    _idle(runtime)
+
+
+def test_retry_rolls_back_to_the_checkpoint_between_attempts(
+    runtime: Runtime, write_plan: Callable[[str], Path], db_path: Path, rows: Any, tools: _Tools
+) -> None:
+    path = write_plan(
+        "  - {id: seed, resource: inv, sql: \"INSERT INTO t VALUES ('seed')\"}\n"
+        "  - {id: flaky, tool: flaky, retry: 3, with: {succeed_on: 3}}\n"
+    )
+    result = _run(runtime, path)
+    assert result.status == "completed", result.error
+    assert result.steps[1].attempts == 3
+    assert sorted(rows(db_path, "SELECT v FROM t")) == [("flaky attempt 3",), ("seed",)]
+    assert tools.events == ["completed p"]
+    _idle(runtime)
+
+
+def test_a_step_failing_every_retry_rolls_the_whole_plan_back(
+    runtime: Runtime, write_plan: Callable[[str], Path], db_path: Path, rows: Any
+) -> None:
+    path = write_plan(
+        "  - {id: seed, resource: inv, sql: \"INSERT INTO t VALUES ('seed')\"}\n"
+        "  - {id: doomed, tool: always_fails, retry: 2}\n"
+    )
+    result = _run(runtime, path)
+    assert result.status == "failed"
+    assert result.steps[1].attempts == 3
+    assert result.error == "ValueError: never works"
+    assert rows(db_path, "SELECT v FROM t") == []
+    _idle(runtime)
+
+
+def test_a_failing_sql_step_is_retried_then_fails(
+    runtime: Runtime, write_plan: Callable[[str], Path], db_path: Path, rows: Any
+) -> None:
+    path = write_plan(
+        "  - {id: seed, resource: inv, sql: \"INSERT INTO t VALUES ('seed')\"}\n"
+        "  - {id: bad, resource: inv, sql: 'INSERT INTO missing VALUES (1)', retry: 1}\n"
+    )
+    result = _run(runtime, path)
+    assert result.status == "failed"
+    assert result.steps[1].attempts == 2
+    assert result.error == "sqlite3.OperationalError: no such table: missing"
+    assert rows(db_path, "SELECT v FROM t") == []
+    _idle(runtime)
+
+
+def test_interrupt_stops_the_plan_before_its_next_step(
+    runtime: Runtime, write_plan: Callable[[str], Path], db_path: Path, rows: Any, tools: _Tools
+) -> None:
+    path = write_plan(
+        "  - {id: stop, tool: interrupt_then}\n"
+        "  - {id: never, resource: inv, sql: \"INSERT INTO t VALUES ('never')\"}\n"
+    )
+    result = _run(runtime, path)
+    assert result.status == "failed"
+    assert result.error == "SIGTERM"
+    assert [s.status for s in result.steps] == ["passed", "not run"]
+    assert rows(db_path, "SELECT v FROM t") == []
+    assert tools.events == ["failed p: Interrupted"]
+    _idle(runtime)
+
+
+def test_interrupt_during_a_retry_does_not_retry(
+    runtime: Runtime, write_plan: Callable[[str], Path], db_path: Path, rows: Any
+) -> None:
+    path = write_plan("  - {id: stop, tool: interrupt_then, retry: 3, with: {fail: true}}\n")
+    result = _run(runtime, path)
+    assert result.status == "failed"
+    assert result.steps[0].attempts == 1
+    assert result.error == "SIGTERM"
+    assert rows(db_path, "SELECT v FROM t") == []
+    _idle(runtime)
+
+
+@pytest.mark.parametrize("kind", ["sql", "tool"])
+def test_interrupt_stops_a_running_statement(
+    runtime: Runtime,
+    write_plan: Callable[[str], Path],
+    db_path: Path,
+    rows: Any,
+    tools: _Tools,
+    kind: str,
+) -> None:
+    if kind == "tool":
+        path = write_plan("  - {id: long, tool: long_query}\n")
+    else:
+        path = write_plan(
+            "  - {id: seed, resource: inv, sql: \"INSERT INTO t VALUES ('seed')\"}\n"
+            f"  - {{id: long, resource: inv, sql: '{_LONG_QUERY}'}}\n"
+        )
+        real_execute = runtime.handler("database").execute  # type: ignore[attr-defined]
+
+        def execute(*args: Any, **kwargs: Any) -> Any:
+            if args[2] == _LONG_QUERY:
+                tools.started.set()
+            return real_execute(*args, **kwargs)
+
+        runtime.handler("database").execute = execute  # type: ignore[attr-defined]
+    plan = runtime.load(path)
+    results: list[PlanResult] = []
+    worker = threading.Thread(target=lambda: results.append(runtime.run(plan)))
+    worker.start()
+    assert tools.started.wait(10)
+    # An interrupt that lands just before the statement starts is lost (sqlite3
+    # interrupts only running statements), so keep interrupting, as a user would.
+    for _ in range(300):
+        runtime.interrupt("SIGINT")
+        worker.join(0.1)
+        if not worker.is_alive():
+            break
+    assert not worker.is_alive()
+    (result,) = results
+    assert result.status == "failed"
+    assert result.error == "SIGINT during step 'long'"
+    assert rows(db_path, "SELECT v FROM t") == []
+    _idle(runtime)
+
+
+def test_a_broken_subscriber_does_not_fail_a_completed_plan(
+    runtime: Runtime, write_plan: Callable[[str], Path], db_path: Path, rows: Any, tools: _Tools
+) -> None:
+    tools.fail_on = "completed"
+    path = write_plan("  - {id: seed, resource: inv, sql: \"INSERT INTO t VALUES ('kept')\"}\n")
+    result = _run(runtime, path)
+    assert result.status == "completed"
+    assert [str(e) for e in result.subscriber_errors] == [
+        "test-tools raised on cleveragents_plan_completed: RuntimeError: subscriber broke on "
+        "completed"
+    ]
+    assert result.to_json()["subscriber_errors"] == [str(result.subscriber_errors[0])]
+    assert rows(db_path, "SELECT v FROM t") == [("kept",)]
+
+
+def test_a_tool_missing_at_run_time_fails_its_step(runtime: Runtime) -> None:
+    plan = Plan(id="ghostly", steps=[Step(id="a", tool="ghost")])
+    result = runtime.run(plan)
+    assert result.status == "failed"
+    assert result.error == "tool 'ghost' is not registered"
+    assert result.to_json()["steps"] == [
+        {
+            "id": "a",
+            "status": "failed",
+            "attempts": 1,
+            "duration_ms": result.to_json()["steps"][0]["duration_ms"],
+            "error": "tool 'ghost' is not registered",
+        }
+    ]
+
+
+def test_handlers_are_made_once_per_kind_and_refused_after_close(tools: _Tools) -> None:
+    pm = get_plugin_manager(load_entry_points=False)
+    runtime = Runtime(plugin_manager=pm)
+    handler = runtime.handler("database")
+    assert runtime.handler("database") is handler
+    assert runtime.handlers == {"database": handler}
+    assert pm.get_plugin("cleveragents-handler-database") is handler
+    with pytest.raises(ResourceError, match="no plugin serves resource kind 'queue'"):
+        runtime.handler("queue")
+    runtime.close()
+    runtime.close()
+    assert pm.get_plugin("cleveragents-handler-database") is None
+    with pytest.raises(ResourceError, match="the runtime is closed"):
+        runtime.handler("database")
+
+
+class _NoSql(ResourceHandler):
+    """A resource kind that cannot run SQL."""
+
+    kind = "nosql"
+
+    @classmethod
+    def validate_settings(cls, resource: Resource) -> Any:
+        return None
+
+    def connection(self, resource: Resource, plan_id: str) -> Any:
+        raise NotImplementedError
+
+    def create_checkpoint(self, resource: Resource, plan_id: str, checkpoint_id: str) -> Any:
+        raise NotImplementedError
+
+    def rollback_to(self, resource: Resource, plan_id: str, checkpoint_id: str) -> None:
+        raise NotImplementedError
+
+    def release_plan(self, plan_id: str) -> None:
+        """Nothing to commit."""
+
+    def rollback_plan(self, plan_id: str) -> None:
+        """Nothing to undo."""
+
+    def close(self) -> None:
+        """Nothing to free."""
+
+
+def test_sql_on_a_kind_that_cannot_run_it_fails_the_step() -> None:
+    class Kinds:
+        @hookimpl
+        def cleveragents_register_resource_handlers(self, registry: ResourceRegistry) -> None:
+            registry.add(_NoSql)
+
+    pm = get_plugin_manager(load_entry_points=False)
+    pm.register(Kinds(), name="kinds")
+    plan = Plan(
+        id="p",
+        resources={"box": ResourceEntry(kind="nosql")},
+        steps=[Step(id="a", resource="box", sql="SELECT 1")],
+    )
+    with Runtime(plugin_manager=pm) as runtime:
+        result = runtime.run(plan)
+        assert isinstance(runtime.handlers["nosql"], _NoSql)
+    assert result.status == "failed"
+    assert not result.completed
+    assert result.error == "resource kind 'nosql' cannot run SQL"
+
+
+def test_plans_run_one_after_another(runtime: Runtime, db_path: Path, rows: Any) -> None:
+    plans = []
+    for index in range(2):
+        path = db_path.parent / f"seq{index}.yaml"
+        path.write_text(
+            f"id: s{index}\nresources:\n  inv: {{kind: database, engine: sqlite, "
+            f"location: {db_path.name}}}\nsteps:\n"
+            f"  - {{id: a, resource: inv, sql: \"INSERT INTO t VALUES ('s{index}')\"}}\n",
+            encoding="utf-8",
+        )
+        plans.append(runtime.load(path))
+    results = runtime.run_many(plans, parallel=4)  # parallel, but...
+    assert all(result.completed for result in results)
+    results = runtime.run_many(plans[:1], parallel=1)  # ...and one at a time
+    assert [result.plan for result in results] == ["s0"]
+    assert sorted(rows(db_path, "SELECT v FROM t")) == [("s0",), ("s0",), ("s1",)]
+
+
+def test_plans_run_in_parallel_share_one_handler(
+    runtime: Runtime, db_path: Path, rows: Any
+) -> None:
+    plans = []
+    for index in range(6):
+        path = db_path.parent / f"p{index}.yaml"
+        path.write_text(
+            f"id: p{index}\nresources:\n  inv: {{kind: database, engine: sqlite, "
+            f"location: {db_path.name}}}\nsteps:\n"
+            f"  - {{id: a, resource: inv, sql: \"INSERT INTO t VALUES ('p{index}')\"}}\n"
+            f"  - {{id: b, resource: inv, expect: {{sql: 'SELECT {index} % 2', equals: 0}}}}\n",
+            encoding="utf-8",
+        )
+        plans.append(runtime.load(path))
+    results = runtime.run_many(plans, parallel=3)
+    assert [r.status for r in results] == ["completed", "failed"] * 3
+    assert sorted(rows(db_path, "SELECT v FROM t")) == [("p0",), ("p2",), ("p4",)]
+    assert runtime.handlers["database"].stats()["open_connections"] <= 4
+    _idle(runtime)
