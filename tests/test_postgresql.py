@@ -38,6 +38,7 @@ from cleveragents.hookspecs import hookimpl
 from cleveragents.plugins import get_plugin_manager
 from cleveragents.resource import Resource
 from cleveragents.resource.handlers import database as database_module
+from cleveragents.resource.handlers import postgresql as postgresql_module
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
 from cleveragents.runtime import Runtime
 from cleveragents.tools import ToolContext, ToolRegistry
@@ -841,17 +842,13 @@ def test_the_dsn_never_shows_in_errors_logs_repr_or_json(
     assert caplog.records, "expected some log lines to check"
 
 
-@pytest.mark.parametrize(
-    ("statement", "left"),
-    [("COMMIT", ["before"]), ("ROLLBACK", []), ("END", ["before"]), ("ABORT", [])],
-)
+@pytest.mark.parametrize("statement", ["COMMIT", "ROLLBACK", "END", "ABORT"])
 def test_plan_sql_that_ends_the_transaction_stops_the_plan(
     tmp_path: Path,
     pg_dsn: str,
     db: Any,
     monkeypatch: pytest.MonkeyPatch,
     statement: str,
-    left: list[str],
 ) -> None:
     monkeypatch.setenv("TEST_DSN", pg_dsn)
     plan_file = _write_plan(
@@ -866,6 +863,57 @@ def test_plan_sql_that_ends_the_transaction_stops_the_plan(
         result = runtime.run(runtime.load(plan_file))
     assert result.status == "failed"
     assert result.failed_step == "end"
-    assert result.error is not None and "must not COMMIT or ROLLBACK" in result.error
-    # What the plan's own COMMIT did cannot be undone; nothing after it ran.
-    assert _values(db) == left
+    assert result.error is not None
+    assert f"plans may not run {statement}: cleveragents owns" in result.error
+    # Refused before it ran: the plan failed whole, nothing of it is left.
+    assert _values(db) == []
+
+
+@pytest.mark.parametrize(
+    ("sql", "refused"),
+    [
+        ("COMMIT", "COMMIT"),
+        ("/* quiet */ end", "END"),
+        ("ROLLBACK", "ROLLBACK"),
+        ("ROLLBACK TO SAVEPOINT cp_1", "ROLLBACK"),
+        ("RELEASE SAVEPOINT cp_1", "RELEASE"),
+        ("PREPARE TRANSACTION 'gone'", "PREPARE TRANSACTION"),
+        ("INSERT INTO t VALUES ('sneaked'); COMMIT", "more than one statement"),
+        ("SET lock_timeout = 0", "SET without LOCAL"),
+        ("RESET ALL", "RESET"),
+    ],
+)
+def test_plan_sql_that_would_take_over_is_refused_before_it_runs(
+    make_handler: Callable[..., DatabaseResourceHandler],
+    res: Resource,
+    db: Any,
+    sql: str,
+    refused: str,
+) -> None:
+    handler = make_handler()
+    handler.create_checkpoint(res, "p", "start")
+    handler.execute(res, "p", "INSERT INTO t VALUES ('until the plan ends')")
+    with pytest.raises(ResourceError, match=f"plans may not run {refused}"):
+        handler.execute(res, "p", sql)
+    assert _values(db) == []  # nothing committed behind the plan's back
+    handler.rollback_to(res, "p", "start")
+    handler.execute(res, "p", "SET LOCAL lock_timeout = '1s'")  # ends with the plan: fine
+    handler.execute(res, "p", "INSERT INTO t VALUES ('after; and ''COMMIT''')")
+    handler.release_plan("p")
+    assert _values(db) == ["after; and 'COMMIT'"]
+
+
+def test_sql_that_slips_past_the_reading_still_cannot_commit_later_statements(
+    make_handler: Callable[..., DatabaseResourceHandler],
+    res: Resource,
+    db: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The backstop behind the statement check: pretend the check missed a COMMIT.
+    monkeypatch.setattr(postgresql_module, "_refusal", lambda sql: None)
+    handler = make_handler()
+    handler.execute(res, "p", "INSERT INTO t VALUES ('x')")
+    with pytest.raises(ResourceError, match=r"ended the plan's transaction \(ROLLBACK\)"):
+        handler.execute(res, "p", "ROLLBACK")
+    handler.rollback_plan("p")
+    assert _values(db) == []

@@ -230,6 +230,56 @@ _SQL_TOKENS = re.compile(
 )
 
 
+_TRANSACTION = (
+    "cleveragents owns the plan's transaction: it takes checkpoints, commits and rolls back"
+)
+_SETTINGS = "a session setting would outlive the plan on a pooled connection; use SET LOCAL"
+_REFUSED_FIRST_WORDS = {
+    "BEGIN": _TRANSACTION,
+    "START": _TRANSACTION,
+    "COMMIT": _TRANSACTION,
+    "END": _TRANSACTION,
+    "ROLLBACK": _TRANSACTION,
+    "ABORT": _TRANSACTION,
+    "SAVEPOINT": _TRANSACTION,
+    "RELEASE": _TRANSACTION,
+    "RESET": _SETTINGS,
+}
+
+
+def _blank_quoted(match: re.Match[str]) -> str:
+    """Replace a quoted string, quoted name or comment by a space; keep other tokens."""
+    token = match[0]
+    quoted = len(token) > 1 and token[0] in "'\"-/$eE"
+    return " " if quoted else token
+
+
+@functools.lru_cache(maxsize=512)
+def _refusal(sql: str) -> str | None:
+    """Say why a plan may not run *sql*, or ``None`` when it may.
+
+    PostgreSQL has no authorizer, so the statement is read here: comments and
+    quoted text are set aside, there must be one statement only (as on
+    SQLite), and it must not end the plan's transaction or change a session
+    setting that would outlive the plan.
+    """
+    outline = _SQL_TOKENS.sub(_blank_quoted, sql)
+    statements = [part for part in outline.split(";") if part.strip()]
+    if len(statements) > 1:
+        return "more than one statement at a time: plans run one statement per step or call"
+    words = statements[0].replace("(", " ").upper().split()[:2] if statements else []
+    if not words:
+        return None
+    first, second = words[0], words[1] if len(words) > 1 else ""
+    if first in _REFUSED_FIRST_WORDS:
+        return f"{first}: {_REFUSED_FIRST_WORDS[first]}"
+    if first == "PREPARE" and second == "TRANSACTION":
+        return f"PREPARE TRANSACTION: {_TRANSACTION}"
+    if first == "SET" and second not in ("LOCAL", "TRANSACTION", "CONSTRAINTS"):
+        return f"SET without LOCAL: {_SETTINGS}"
+    return None
+
+
 def _quote_literal(text: str) -> str:
     """Return *text* as an ``E'...'`` literal, whatever ``standard_conforming_strings`` is."""
     return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
@@ -367,6 +417,9 @@ class PostgreSQLEngine(Engine):
         self, conn: Any, sql: str, params: Mapping[str, Any] | Sequence[Any] | None
     ) -> list[tuple[Any, ...]]:
         """Run one statement; a mapping binds ``:name``, a sequence binds ``?``."""
+        refusal = _refusal(sql)
+        if refusal is not None:
+            raise ResourceError(f"plans may not run {refusal}")
         values: Mapping[str, Any] | Sequence[Any] | None
         if not params:
             query, values = sql, None
@@ -377,9 +430,9 @@ class PostgreSQLEngine(Engine):
         with conn.cursor() as cursor:
             cursor.execute(query, values)
             if conn.pgconn.transaction_status == self._idle:
-                # Plans may be written by agents: COMMIT, ROLLBACK or PREPARE
-                # TRANSACTION in their SQL would end the plan's transaction, and
-                # every later statement would commit on its own. Stop the plan here.
+                # A backstop behind _refusal: should any statement still end the
+                # plan's transaction, stop the plan before later statements
+                # commit one by one.
                 raise ResourceError(
                     f"the plan's SQL ended the plan's transaction ({cursor.statusmessage}); "
                     "plans must not COMMIT or ROLLBACK: cleveragents ends the transaction"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -12,10 +13,48 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from cleveragents.durations import Duration
+from cleveragents.errors import ResourceError
 from cleveragents.resource.handlers.engine import Engine, Outcome
 
 MEMORY = ":memory:"
 _BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+
+# The handler's own statements carry this per-process tag. sqlite3 caches
+# prepared statements by their text, and SQLite consults the authorizer only
+# when a statement is prepared: without the tag, a plan's "COMMIT" could reuse
+# the handler's cached, already-authorized one.
+_OWN = f"/* cleveragents {secrets.token_hex(8)} */ "
+# What a plan's SQL may not do: end or split the plan's transaction, or open
+# other database files (ATTACH would escape the allowed folders).
+_TRANSACTION = (
+    "cleveragents owns the plan's transaction: it takes checkpoints, commits and rolls back"
+)
+_FILES = "a plan reaches databases only through its resources"
+_SETTINGS = "connection settings come from the resource and must not outlive the plan"
+_REFUSED = {
+    sqlite3.SQLITE_TRANSACTION: ("BEGIN, COMMIT, END or ROLLBACK", _TRANSACTION),
+    sqlite3.SQLITE_SAVEPOINT: ("SAVEPOINT, RELEASE or ROLLBACK TO", _TRANSACTION),
+    sqlite3.SQLITE_ATTACH: ("ATTACH", _FILES),
+    sqlite3.SQLITE_DETACH: ("DETACH", _FILES),
+}
+# Setting these would outlive the plan on a pooled connection, or undo the
+# resource's settings; reading them is fine.
+_CONNECTION_PRAGMAS = frozenset(
+    {
+        "busy_timeout",
+        "cache_size",
+        "foreign_keys",
+        "journal_mode",
+        "locking_mode",
+        "mmap_size",
+        "query_only",
+        "recursive_triggers",
+        "synchronous",
+        "temp_store",
+        "trusted_schema",
+        "writable_schema",
+    }
+)
 
 
 class SQLiteSettings(BaseModel):
@@ -53,6 +92,70 @@ class SQLiteSettings(BaseModel):
     )
 
 
+class PlanConnection(sqlite3.Connection):
+    """A plan's connection: an ``sqlite3.Connection`` whose transaction the handler owns.
+
+    An authorizer refuses, in any statement the plan runs, what would end the
+    plan's transaction (``COMMIT``, ``ROLLBACK``, ``RELEASE``...), attach other
+    files, or change connection settings that would outlive the plan;
+    ``commit()``, ``rollback()`` and ``with conn:`` are refused too.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.handler_statement = False  # True while the handler runs its own SQL
+        self.refused: tuple[str, str] | None = None  # what the authorizer last refused, why
+        self.set_authorizer(self._authorize)
+
+    def _authorize(
+        self, action: int, arg1: str | None, arg2: str | None, db: str | None, trigger: str | None
+    ) -> int:
+        if self.handler_statement:
+            return sqlite3.SQLITE_OK
+        refused = _REFUSED.get(action)
+        setting = action == sqlite3.SQLITE_PRAGMA and arg2 is not None
+        if refused is None and setting and (arg1 or "").lower() in _CONNECTION_PRAGMAS:
+            refused = (f"PRAGMA {arg1} = ...", _SETTINGS)
+        if refused is None:
+            return sqlite3.SQLITE_OK
+        self.refused = refused
+        return sqlite3.SQLITE_DENY
+
+    def _own(self, sql: str) -> None:
+        self.handler_statement = True
+        try:
+            sqlite3.Connection.execute(self, _OWN + sql).close()
+        finally:
+            self.handler_statement = False
+
+    def __enter__(self) -> PlanConnection:
+        raise ResourceError(
+            "a plan's connection is not a context manager: 'with conn:' would commit it; "
+            "cleveragents ends the plan's transaction"
+        )
+
+    def commit(self) -> None:
+        raise ResourceError(
+            "a plan's connection cannot commit(): cleveragents commits the plan when it "
+            "completes (and rolls it back when it fails)"
+        )
+
+    def rollback(self) -> None:
+        raise ResourceError(
+            "a plan's connection cannot rollback(): fail the step (raise) to roll back to "
+            "its checkpoint, or fail the plan to undo all of it"
+        )
+
+
+def _refusal(conn: PlanConnection) -> ResourceError | None:
+    """Turn the authorizer's last refusal into the error a plan author can act on."""
+    refused, conn.refused = conn.refused, None
+    if refused is None:
+        return None
+    what, why = refused
+    return ResourceError(f"plans may not run {what}: {why}")
+
+
 class SQLiteEngine(Engine):
     """SQLite through the standard library's sqlite3, in explicit-transaction mode."""
 
@@ -84,16 +187,17 @@ class SQLiteEngine(Engine):
     def takes_turns(self, settings: SQLiteSettings) -> bool:
         return settings.lock == "immediate" or settings.location == MEMORY
 
-    def open(self, settings: SQLiteSettings, *, application_name: str) -> sqlite3.Connection:
+    def open(self, settings: SQLiteSettings, *, application_name: str) -> PlanConnection:
         conn = sqlite3.connect(
             settings.location,
             timeout=settings.busy_timeout,
             isolation_level=None,
             check_same_thread=False,
+            factory=PlanConnection,
         )
         try:
-            conn.execute(f"PRAGMA synchronous = {settings.synchronous}")
-            conn.execute(f"PRAGMA foreign_keys = {'ON' if settings.foreign_keys else 'OFF'}")
+            conn._own(f"PRAGMA synchronous = {settings.synchronous}")
+            conn._own(f"PRAGMA foreign_keys = {'ON' if settings.foreign_keys else 'OFF'}")
             if settings.location != MEMORY:
                 self._set_journal_mode(conn, settings)
         except BaseException:
@@ -101,7 +205,7 @@ class SQLiteEngine(Engine):
             raise
         return conn
 
-    def _set_journal_mode(self, conn: sqlite3.Connection, settings: SQLiteSettings) -> None:
+    def _set_journal_mode(self, conn: PlanConnection, settings: SQLiteSettings) -> None:
         key = (os.path.realpath(settings.location), settings.journal_mode)
         if key in self._journal_ready:
             return
@@ -111,7 +215,7 @@ class SQLiteEngine(Engine):
             deadline = time.monotonic() + settings.busy_timeout
             while True:
                 try:
-                    conn.execute(f"PRAGMA journal_mode = {settings.journal_mode}")
+                    conn._own(f"PRAGMA journal_mode = {settings.journal_mode}")
                     break
                 except sqlite3.OperationalError as exc:
                     # Another program holds the lock: SQLite's busy handler does not
@@ -123,43 +227,50 @@ class SQLiteEngine(Engine):
                 self._journal_ready.clear()  # setting it again is harmless; growing is not
             self._journal_ready.add(key)
 
-    def begin(self, conn: sqlite3.Connection, settings: SQLiteSettings, *, plan_id: str) -> None:
-        conn.execute("BEGIN IMMEDIATE" if settings.lock == "immediate" else "BEGIN DEFERRED")
+    def begin(self, conn: PlanConnection, settings: SQLiteSettings, *, plan_id: str) -> None:
+        conn._own("BEGIN IMMEDIATE" if settings.lock == "immediate" else "BEGIN DEFERRED")
 
-    def savepoint(self, conn: sqlite3.Connection, name: str) -> None:
-        conn.execute(f'SAVEPOINT "{name}"')
+    def savepoint(self, conn: PlanConnection, name: str) -> None:
+        conn._own(f'SAVEPOINT "{name}"')
 
-    def rollback_to(self, conn: sqlite3.Connection, name: str) -> None:
-        conn.execute(f'ROLLBACK TO "{name}"')
+    def rollback_to(self, conn: PlanConnection, name: str) -> None:
+        conn._own(f'ROLLBACK TO "{name}"')
 
-    def commit(self, conn: sqlite3.Connection) -> None:
-        conn.execute("COMMIT")
+    def commit(self, conn: PlanConnection) -> None:
+        conn._own("COMMIT")
 
-    def rollback(self, conn: sqlite3.Connection) -> None:
+    def rollback(self, conn: PlanConnection) -> None:
         # A failed statement (e.g. an interrupt) can already have ended the
         # transaction; ROLLBACK would then fail with "no transaction is active".
         if conn.in_transaction:
-            conn.execute("ROLLBACK")
+            conn._own("ROLLBACK")
 
     def execute(
         self,
-        conn: sqlite3.Connection,
+        conn: PlanConnection,
         sql: str,
         params: Mapping[str, Any] | Sequence[Any] | None,
     ) -> list[tuple[Any, ...]]:
-        cursor = conn.execute(sql, params if params is not None else ())
+        conn.refused = None
+        try:
+            cursor = conn.execute(sql, params if params is not None else ())
+        except sqlite3.DatabaseError:
+            refusal = _refusal(conn)
+            if refusal is not None:
+                raise refusal from None
+            raise
         try:
             return cursor.fetchall()
         finally:
             cursor.close()
 
-    def is_clean(self, conn: sqlite3.Connection) -> bool:
+    def is_clean(self, conn: PlanConnection) -> bool:
         return not conn.in_transaction
 
-    def close(self, conn: sqlite3.Connection) -> None:
+    def close(self, conn: PlanConnection) -> None:
         conn.close()
 
-    def interrupt(self, conn: sqlite3.Connection) -> None:
+    def interrupt(self, conn: PlanConnection) -> None:
         conn.interrupt()
 
     def classify(self, exc: BaseException) -> Outcome:
@@ -171,4 +282,4 @@ class SQLiteEngine(Engine):
         return "other"
 
 
-__all__ = ["MEMORY", "SQLiteEngine", "SQLiteSettings"]
+__all__ = ["MEMORY", "PlanConnection", "SQLiteEngine", "SQLiteSettings"]
