@@ -439,7 +439,7 @@ def test_a_session_the_server_ended_expires_the_plan(
     handler.create_checkpoint(res, "p1", "cp")
     with handler.connection(res, "p1") as conn:
         conn.execute("INSERT INTO t VALUES ('gone')")
-        conn.execute("SET idle_in_transaction_session_timeout = 50")
+        conn.execute("SET LOCAL idle_in_transaction_session_timeout = 50")
     time.sleep(0.4)  # the server ends the session; the reaper (300s) has not acted
     with pytest.raises(CheckpointExpiredError, match="server ended") as caught:
         handler.execute(res, "p1", "SELECT 1")
@@ -915,5 +915,25 @@ def test_sql_that_slips_past_the_reading_still_cannot_commit_later_statements(
     handler.execute(res, "p", "INSERT INTO t VALUES ('x')")
     with pytest.raises(ResourceError, match=r"ended the plan's transaction \(ROLLBACK\)"):
         handler.execute(res, "p", "ROLLBACK")
+    handler.rollback_plan("p")
+    assert _values(db) == []
+
+
+def test_the_lent_session_refuses_to_end_the_plan_whichever_way_it_is_asked(
+    make_handler: Callable[..., DatabaseResourceHandler], res: Resource, db: Any
+) -> None:
+    handler = make_handler()
+    with handler.connection(res, "p") as conn:
+        conn.execute("INSERT INTO t VALUES ('until the plan ends')")
+        with pytest.raises(ResourceError, match="plans may not run COMMIT"):
+            conn.execute("COMMIT")
+        with conn.cursor() as cursor, pytest.raises(ResourceError, match="plans may not run END"):
+            cursor.execute(b"END")
+        with conn.cursor() as cursor, pytest.raises(ResourceError, match="ROLLBACK"):
+            cursor.executemany(psycopg.sql.SQL("ROLLBACK"), [()])
+        with pytest.raises(ResourceError, match="SET without LOCAL"):
+            conn.execute("SET statement_timeout = 0")
+        conn.execute("SET LOCAL statement_timeout = '5s'")
+    assert _values(db) == []
     handler.rollback_plan("p")
     assert _values(db) == []

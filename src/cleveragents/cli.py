@@ -13,6 +13,7 @@ from types import FrameType
 from typing import Any, NoReturn
 
 import click
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -20,6 +21,7 @@ from cleveragents.durations import parse_duration
 from cleveragents.errors import CleverAgentsError, PlanError, PluginError
 from cleveragents.plan import Plan, plan_json_schema
 from cleveragents.plugins import get_plugin_manager, plugin_source, registries
+from cleveragents.resource.handlers.database import DatabaseHandlerSettings
 from cleveragents.runtime import PlanResult, Runtime
 
 EXIT_OK = 0
@@ -46,7 +48,27 @@ def _bad_input(lines: Sequence[str]) -> NoReturn:
     sys.exit(EXIT_BAD_INPUT)
 
 
+def _check_handler_settings(flags: dict[str, Any]) -> None:
+    """Refuse bad handler settings (flags or ``CLEVERAGENTS_*`` variables) before plans run."""
+    given = {key: value for key, value in flags.items() if value is not None}
+    try:
+        DatabaseHandlerSettings(**given)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            field = str(error["loc"][0])
+            source = (
+                f"--{field.replace('_', '-')}"
+                if field in given
+                else f"{DatabaseHandlerSettings.model_config['env_prefix']}{field.upper()}"
+            )
+            message = str(error["msg"]).removeprefix("Value error, ")
+            lines.append(f"cleveragents: {source}: {message}")
+        _bad_input(lines)
+
+
 def _runtime(allow_root: Sequence[str], **handler_options: Any) -> Runtime:
+    _check_handler_settings(handler_options)
     try:
         return Runtime(
             handler_options={"database": handler_options}, allowed_roots=list(allow_root)

@@ -29,7 +29,8 @@ import time
 import warnings
 import weakref
 from collections.abc import Hashable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
+from types import TracebackType
 from typing import Annotated, Any, ClassVar, Literal, Self, Union, final
 
 from pydantic import ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError
@@ -48,7 +49,12 @@ from cleveragents.errors import (
     ResourceError,
 )
 from cleveragents.hookspecs import hookimpl
-from cleveragents.resource.base import CheckpointResult, Resource, ResourceHandler
+from cleveragents.resource.base import (
+    CheckpointResult,
+    Resource,
+    ResourceHandler,
+    make_checkpoint_result,
+)
 from cleveragents.resource.handlers.engine import Engine
 from cleveragents.resource.handlers.postgresql import PostgreSQLEngine
 from cleveragents.resource.handlers.sqlite import SQLiteEngine
@@ -174,21 +180,31 @@ class HandlerStats(Mapping[str, int]):
 class _Turnstile:
     """Admits one plan at a time to a database, first come, first served.
 
-    A waiter parks on its own lock and is handed the turn directly, so a
-    release wakes exactly the next plan in line.
+    It shares the handler's ``_lock``: taking a free turn and giving it back
+    happen inside the handler's own critical sections, so the uncontended path
+    costs no lock of its own and no thread handoff. A waiter parks on its own
+    lock and is handed the turn directly, so a release wakes exactly the next
+    plan in line.
     """
 
     __slots__ = ("_mutex", "_queue", "holder")
 
-    def __init__(self) -> None:
-        self._mutex = threading.Lock()
+    def __init__(self, mutex: threading.Lock) -> None:
+        self._mutex = mutex
         self._queue: collections.deque[tuple[threading.Lock, str]] = collections.deque()
         self.holder: str | None = None
 
+    def try_take(self, plan_id: str) -> bool:
+        """Take the turn if nobody holds it or waits for it; call with the mutex held."""
+        if self.holder is None and not self._queue:
+            self.holder = plan_id
+            return True
+        return False
+
     def acquire(self, plan_id: str, timeout: float) -> bool:
+        """Wait up to *timeout* for the turn; call without the mutex held."""
         with self._mutex:
-            if self.holder is None and not self._queue:
-                self.holder = plan_id
+            if self.try_take(plan_id):
                 return True
             gate = threading.Lock()
             gate.acquire()
@@ -203,12 +219,12 @@ class _Turnstile:
             return False
 
     def release(self) -> None:
-        with self._mutex:
-            if self._queue:
-                gate, self.holder = self._queue.popleft()
-                gate.release()
-            else:
-                self.holder = None
+        """Hand the turn to the next plan in line; call with the mutex held."""
+        if self._queue:
+            gate, self.holder = self._queue.popleft()
+            gate.release()
+        else:
+            self.holder = None
 
 
 class _Database:
@@ -216,12 +232,28 @@ class _Database:
 
     __slots__ = ("engine", "identity", "label", "memory_conn", "turnstile")
 
-    def __init__(self, identity: Hashable, engine: Engine, label: str) -> None:
+    def __init__(
+        self, identity: Hashable, engine: Engine, label: str, mutex: threading.Lock
+    ) -> None:
         self.identity = identity
         self.engine = engine
         self.label = label
-        self.turnstile = _Turnstile()
+        self.turnstile = _Turnstile(mutex)
         self.memory_conn: Any = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Resolved:
+    """What a resource resolves to, worked out once per resource and cached."""
+
+    resource: str
+    settings: Any
+    database: _Database
+    #: What an idle connection must match to be lent for this resource.
+    config: Hashable
+    ttl: float
+    memory: bool
+    takes_turns: bool
 
 
 @dataclasses.dataclass(slots=True)
@@ -234,14 +266,13 @@ class _Checkpoint:
 class _Plan:
     """A plan with open work on this handler."""
 
-    __slots__ = ("deadline", "last_used", "leases", "plan_id", "ttl")
+    __slots__ = ("last_used", "leases", "plan_id", "ttl")
 
     def __init__(self, plan_id: str, now: float, ttl: float) -> None:
         self.plan_id = plan_id
         self.last_used = now
         self.ttl = ttl
         self.leases: dict[Hashable, _Lease] = {}
-        self.deadline: Deadline | None = None
 
 
 class _Lease:
@@ -256,18 +287,20 @@ class _Lease:
         "has_turn",
         "lock",
         "plan",
+        "resolved",
         "resource",
         "savepoints_made",
         "settings",
         "users",
     )
 
-    def __init__(self, plan: _Plan, database: _Database, resource: str, settings: Any) -> None:
+    def __init__(self, plan: _Plan, resolved: _Resolved) -> None:
         self.plan = plan
-        self.database = database
-        self.resource = resource
-        self.settings = settings
-        self.config: Hashable = database.engine.connection_config(settings)
+        self.resolved = resolved
+        self.database = resolved.database
+        self.resource = resolved.resource
+        self.settings = resolved.settings
+        self.config = resolved.config
         self.lock = threading.RLock()
         self.users = 0
         self.conn: Any = None
@@ -294,6 +327,39 @@ class _Ending:
     resource: str | None
     age: float
     ttl: float
+
+
+class _Lending:
+    """What :meth:`DatabaseResourceHandler.connection` returns: lends on entry, takes back on exit.
+
+    A plain class rather than a generator-based context manager: it is on
+    every plan's path, and costs less than half as much.
+    """
+
+    __slots__ = ("_handler", "_lease", "_plan_id", "_resource")
+
+    def __init__(self, handler: DatabaseResourceHandler, resource: Resource, plan_id: str) -> None:
+        self._handler = handler
+        self._resource = resource
+        self._plan_id = plan_id
+        self._lease: _Lease | None = None
+
+    def __enter__(self) -> Any:
+        if self._lease is not None:
+            raise RuntimeError("this connection() block is already entered")
+        lease, _ = self._handler._enter(self._resource, self._plan_id, "connection")
+        self._lease = lease
+        return lease.conn
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            self._handler._leave(lease)
 
 
 _LIVE: weakref.WeakSet[DatabaseResourceHandler] = weakref.WeakSet()
@@ -352,10 +418,14 @@ class DatabaseResourceHandler(ResourceHandler):
         self._slot_freed = threading.Condition(self._lock)
         self._engines: dict[str, Engine] = {}
         self._databases: dict[Hashable, _Database] = {}
-        self._resolved: dict[Resource, tuple[Any, _Database]] = {}
+        self._resolved: dict[Resource, _Resolved] = {}
         self._plans: dict[str, _Plan] = {}
+        # One reaper deadline covers every plan: the earliest moment one of them
+        # can expire. Plans that end before it cost the reaper nothing.
+        self._plan_sweep: Deadline | None = None
         self._idle: collections.OrderedDict[int, _Idle] = collections.OrderedDict()
         self._idle_sweep: Deadline | None = None
+        self._slot_waiters = 0  # threads in _slot_freed.wait(): notify only when one waits
         self._endings: collections.OrderedDict[str, _Ending] = collections.OrderedDict()
         self._open = 0
         self._counts: collections.Counter[str] = collections.Counter()
@@ -402,18 +472,14 @@ class DatabaseResourceHandler(ResourceHandler):
         """Whether :meth:`close` was called."""
         return self._closed
 
-    @contextmanager
-    def connection(self, resource: Resource, plan_id: str) -> Iterator[Any]:
+    def connection(self, resource: Resource, plan_id: str) -> AbstractContextManager[Any]:
         """Lend the plan its own connection to *resource*, inside the plan's transaction.
 
-        The connection stays the plan's; the calling thread may use it until
-        the block ends. Never commit or roll it back yourself.
+        Use it as ``with handler.connection(resource, plan_id) as conn:``. The
+        connection stays the plan's; the calling thread may use it until the
+        block ends. Never commit or roll it back yourself.
         """
-        lease, _ = self._enter(resource, plan_id, "connection")
-        try:
-            yield lease.conn
-        finally:
-            self._leave(lease)
+        return _Lending(self, resource, plan_id)
 
     def create_checkpoint(
         self, resource: Resource, plan_id: str, checkpoint_id: str
@@ -425,24 +491,23 @@ class DatabaseResourceHandler(ResourceHandler):
         _check_label("checkpoint_id", checkpoint_id)
         lease, created = self._enter(resource, plan_id, "create_checkpoint", checkpoint_id)
         try:
-            if any(cp.label == checkpoint_id for cp in lease.checkpoints):
-                raise CheckpointError(
-                    "a checkpoint with this label is already open; rollback_to it or use "
-                    "a new label",
-                    plan_id=plan_id,
-                    checkpoint_id=checkpoint_id,
-                    resource=resource.name,
-                    operation="create_checkpoint",
-                )
+            for open_checkpoint in lease.checkpoints:
+                if open_checkpoint.label == checkpoint_id:
+                    raise CheckpointError(
+                        "a checkpoint with this label is already open; rollback_to it or use "
+                        "a new label",
+                        plan_id=plan_id,
+                        checkpoint_id=checkpoint_id,
+                        resource=resource.name,
+                        operation="create_checkpoint",
+                    )
             lease.savepoints_made += 1
             savepoint = f"cp_{lease.savepoints_made}"
-            self._run(
-                lease,
-                "create_checkpoint",
-                checkpoint_id,
-                lease.database.engine.savepoint,
-                savepoint,
-            )
+            engine = lease.database.engine
+            try:
+                engine.savepoint(lease.conn, savepoint)
+            except engine.driver_error as exc:
+                raise self._wrap(exc, lease, "create_checkpoint", checkpoint_id) from exc
             checkpoint = _Checkpoint(checkpoint_id, savepoint, time.time())
             lease.checkpoints.append(checkpoint)
         except BaseException:
@@ -452,12 +517,8 @@ class DatabaseResourceHandler(ResourceHandler):
                 self._leave(lease)
             raise
         self._leave(lease)
-        return CheckpointResult(
-            plan_id=plan_id,
-            checkpoint_id=checkpoint_id,
-            resource=resource.name,
-            depth=len(lease.checkpoints),
-            created_at=checkpoint.created_at,
+        return make_checkpoint_result(
+            plan_id, checkpoint_id, resource.name, len(lease.checkpoints), checkpoint.created_at
         )
 
     def rollback_to(self, resource: Resource, plan_id: str, checkpoint_id: str) -> None:
@@ -631,7 +692,7 @@ class DatabaseResourceHandler(ResourceHandler):
 
     # -- leases ---------------------------------------------------------------
 
-    def _settings(self, resource: Resource, plan_id: str) -> tuple[Any, _Database]:
+    def _resolve(self, resource: Resource, plan_id: str) -> _Resolved:
         """Validate *resource* and find its database (both cached). Call with ``_lock`` held."""
         found = self._resolved.get(resource)
         if found is not None:
@@ -653,12 +714,20 @@ class DatabaseResourceHandler(ResourceHandler):
         if database is None:
             if len(self._databases) >= _MAX_RESOLVED:
                 self._forget_unused_databases()
-            database = _Database(identity, engine, engine.describe(settings))
+            database = _Database(identity, engine, engine.describe(settings), self._lock)
             self._databases[identity] = database
         if len(self._resolved) >= _MAX_RESOLVED:
             self._resolved.clear()
-        self._resolved[resource] = (settings, database)
-        return settings, database
+        found = self._resolved[resource] = _Resolved(
+            resource=resource.name,
+            settings=settings,
+            database=database,
+            config=engine.connection_config(settings),
+            ttl=settings.checkpoint_ttl or self.config.checkpoint_ttl,
+            memory=engine.is_memory(settings),
+            takes_turns=engine.takes_turns(settings),
+        )
+        return found
 
     def _forget_unused_databases(self) -> None:
         """Drop databases nothing uses, so endless distinct files stay bounded; hold ``_lock``."""
@@ -683,35 +752,58 @@ class DatabaseResourceHandler(ResourceHandler):
 
         With *create*, also return whether the lease was made by this call (and
         make it if needed); without, return ``None`` when there is no lease.
+
+        A lease the plan already holds is found without ``_lock``: the lookups
+        are single dict reads, and the lease's own lock, once held, says whether
+        the lease is still alive (``ended`` and ``conn`` only change under it).
+        A plan in ``_plans`` never has an entry in ``_endings``, so nothing is
+        missed that the locked path would raise.
+
+        A new lease takes an idle connection and a free write turn right here,
+        under ``_lock``; only when one of them is not at hand does
+        :meth:`_open_lease` wait for it, outside the lock.
         """
         _check_label("plan_id", plan_id)
         if not isinstance(resource, Resource):
             raise TypeError(f"expected a Resource, got {resource!r}")
+        plan = self._plans.get(plan_id)
+        resolved = self._resolved.get(resource)
+        if plan is not None and resolved is not None and not self._closed:
+            lease = plan.leases.get(resolved.database.identity)
+            if lease is not None:
+                lease.lock.acquire()
+                if lease.ended is None and lease.conn is not None:
+                    plan.last_used = time.monotonic()
+                    lease.users += 1
+                    return (lease, False) if create else lease
+                lease.lock.release()
         while True:
             with self._lock:
-                self._check_open()
-                self._raise_if_ended(plan_id, operation)
-                settings, database = self._settings(resource, plan_id)
+                if self._closed:
+                    raise HandlerClosedError(self.name)
+                if self._endings:
+                    self._raise_if_ended(plan_id, operation)
+                resolved = self._resolved.get(resource) or self._resolve(resource, plan_id)
+                database = resolved.database
                 now = time.monotonic()
                 plan = self._plans.get(plan_id)
                 lease = plan.leases.get(database.identity) if plan is not None else None
                 if lease is None:
                     if not create:
                         return None
-                    ttl = settings.checkpoint_ttl or self.config.checkpoint_ttl
+                    ttl = resolved.ttl
                     if plan is None:
                         plan = self._plans[plan_id] = _Plan(plan_id, now, ttl)
-                        plan.deadline = self._reaper.schedule(now + ttl, plan)
+                        self._arm_plan_sweep(now + ttl)
                     elif ttl < plan.ttl:
                         plan.ttl = ttl
-                        assert plan.deadline is not None
-                        self._reaper.cancel(plan.deadline)
-                        plan.deadline = self._reaper.schedule(plan.last_used + ttl, plan)
-                    lease = _Lease(plan, database, resource.name, settings)
+                        self._arm_plan_sweep(plan.last_used + ttl)
+                    lease = _Lease(plan, resolved)
                     lease.lock.acquire()
                     lease.users = 1
                     plan.leases[database.identity] = lease
                     plan.last_used = now
+                    self._take_at_hand(lease, resolved, plan_id)
                     break
                 assert plan is not None
                 plan.last_used = now
@@ -723,7 +815,7 @@ class DatabaseResourceHandler(ResourceHandler):
             # The plan ended (or its lease failed to open) while we waited: go
             # round again, which raises for a reaped/evicted plan.
         try:
-            self._open_lease(lease, settings, operation, checkpoint_id)
+            self._open_lease(lease, operation, checkpoint_id)
         except BaseException:
             self._abandon(lease)
             raise
@@ -734,17 +826,40 @@ class DatabaseResourceHandler(ResourceHandler):
         lease.users -= 1
         lease.lock.release()
 
-    def _open_lease(
-        self, lease: _Lease, settings: Any, operation: str, checkpoint_id: str | None
-    ) -> None:
-        """Give a new lease its connection, its turn and its transaction."""
+    def _take_at_hand(self, lease: _Lease, resolved: _Resolved, plan_id: str) -> None:
+        """Give a new lease an idle connection and its write turn, if both are free now.
+
+        Call with ``_lock`` held; nothing here waits. A turn is only taken
+        together with a connection (as :meth:`_open_lease` does, in that order),
+        so a plan never holds a turn while it waits for a pool slot.
+        """
+        database = resolved.database
+        if resolved.memory:
+            conn = database.memory_conn
+            if conn is not None and resolved.takes_turns and database.turnstile.try_take(plan_id):
+                lease.has_turn = True
+                lease.conn = conn
+            return
+        idle = self._idle
+        for key in reversed(idle):
+            entry = idle[key]
+            if entry.database is database and entry.config == resolved.config:
+                del idle[key]
+                lease.conn = entry.conn
+                if resolved.takes_turns and database.turnstile.try_take(plan_id):
+                    lease.has_turn = True
+                return
+
+    def _open_lease(self, lease: _Lease, operation: str, checkpoint_id: str | None) -> None:
+        """Give a new lease what it still lacks (connection, turn), then its transaction."""
+        resolved = lease.resolved
         database = lease.database
         engine = database.engine
+        settings = lease.settings
         plan_id = lease.plan.plan_id
-        memory = engine.is_memory(settings)
-        if not memory:
+        if not resolved.memory and lease.conn is None:
             lease.conn = self._checkout(lease, settings)
-        if engine.takes_turns(settings):
+        if resolved.takes_turns and not lease.has_turn:
             if not database.turnstile.acquire(plan_id, settings.busy_timeout):
                 with self._lock:
                     self._counts["busy_timeouts"] += 1
@@ -759,12 +874,15 @@ class DatabaseResourceHandler(ResourceHandler):
                     operation=operation,
                 )
             lease.has_turn = True
-        if memory:
+        if resolved.memory and lease.conn is None:
             if database.memory_conn is None:
                 # Only the turn holder gets here, so one thread opens it.
                 database.memory_conn = self._checkout(lease, settings)
             lease.conn = database.memory_conn
-        self._run(lease, operation, checkpoint_id, engine.begin, settings, plan_id=plan_id)
+        try:
+            engine.begin(lease.conn, settings, plan_id=plan_id)
+        except engine.driver_error as exc:
+            raise self._wrap(exc, lease, operation, checkpoint_id) from exc
 
     def _run(
         self,
@@ -821,14 +939,13 @@ class DatabaseResourceHandler(ResourceHandler):
         except ResourceError as exc:
             logger.debug("abandoning lease of plan %r: %s", lease.plan.plan_id, exc)
         finally:
+            self._checkin(lease)
             with self._lock:
                 plan = lease.plan
                 if plan.leases.get(lease.database.identity) is lease:
                     del plan.leases[lease.database.identity]
                 if not plan.leases and self._plans.get(plan.plan_id) is plan:
                     del self._plans[plan.plan_id]
-                    if plan.deadline is not None:
-                        self._reaper.cancel(plan.deadline)
             lease.users -= 1
             lease.lock.release()
 
@@ -893,7 +1010,11 @@ class DatabaseResourceHandler(ResourceHandler):
                             resource=lease.resource,
                             operation="acquire",
                         )
-                    self._slot_freed.wait(remaining)
+                    self._slot_waiters += 1
+                    try:
+                        self._slot_freed.wait(remaining)
+                    finally:
+                        self._slot_waiters -= 1
                     continue
             if victim is not None:
                 self._finish(victim, commit=False, locked=True)
@@ -910,28 +1031,38 @@ class DatabaseResourceHandler(ResourceHandler):
         except BaseException as exc:
             with self._lock:
                 self._open -= 1
-                self._slot_freed.notify()
+                if self._slot_waiters:
+                    self._slot_freed.notify()
             if isinstance(exc, engine.driver_error):
                 raise self._wrap(exc, lease, "open", None) from exc
             raise
         logger.debug("handler %r opened a connection to %r", self.name, lease.database.label)
         return conn
 
-    def _checkin(self, lease: _Lease, *, broken: bool = False) -> None:
-        """Take the lease's connection back: to the idle pool if clean, else close it."""
+    def _checkin(
+        self, lease: _Lease, *, broken: bool = False, outcome: str | None = None
+    ) -> None:
+        """Take the lease's connection and write turn back: to the idle pool if clean, else close.
+
+        One pass under ``_lock`` gives back both and counts the plan's
+        *outcome* (a ``_counts`` key), if given. The next plan in line for the
+        turn is woken only once the shared memory connection is settled.
+        """
         database = lease.database
         conn, lease.conn = lease.conn, None
-        if lease.has_turn:
-            lease.has_turn = False
-            database.turnstile.release()
-        if conn is None:
-            return
-        if conn is database.memory_conn and not broken:
-            return
-        clean = not broken and database.engine.is_clean(conn)
+        shared = conn is not None and conn is database.memory_conn
+        clean = conn is not None and not shared and not broken and database.engine.is_clean(conn)
+        close = False
         with self._lock:
-            if conn is database.memory_conn:
+            if outcome is not None:
+                self._counts[outcome] += 1
+            if shared and broken:
                 database.memory_conn = None
+            if lease.has_turn:
+                lease.has_turn = False
+                database.turnstile.release()
+            if conn is None or (shared and not broken):
+                return
             if clean and not self._closed:
                 now = time.monotonic()
                 self._idle[id(conn)] = _Idle(database, conn, lease.config, now)
@@ -939,8 +1070,10 @@ class DatabaseResourceHandler(ResourceHandler):
                     self._idle_sweep = self._reaper.schedule(now + self.config.idle_timeout, "idle")
             else:
                 self._open -= 1
-            self._slot_freed.notify()
-        if not clean or self._closed:
+                close = True
+            if self._slot_waiters:
+                self._slot_freed.notify()
+        if close:
             self._close_connection(database, conn)
 
     def _close_connection(self, database: _Database, conn: Any) -> None:
@@ -962,17 +1095,16 @@ class DatabaseResourceHandler(ResourceHandler):
         with self._lock:
             self._check_open()
             self._raise_if_ended(plan_id, operation)
-            plan = self._plans.pop(plan_id, None)
-            if plan is not None and plan.deadline is not None:
-                self._reaper.cancel(plan.deadline)
-            return plan
+            return self._plans.pop(plan_id, None)
 
     def _finish(self, plan: _Plan, *, commit: bool, locked: bool = False) -> None:
         """Commit or roll back every lease of a plan already taken out of ``_plans``.
 
         Databases are committed in first-use order; after a failed commit the
-        rest are rolled back. With *locked*, the caller already holds every
-        lease lock (eviction and reaping).
+        rest are rolled back. Each lease's connection and turn are given back
+        as soon as its database is done; the plan's outcome is counted when the
+        last one is. With *locked*, the caller already holds every lease lock
+        (eviction and reaping).
         """
         leases = list(plan.leases.values())
         if not locked:
@@ -981,23 +1113,34 @@ class DatabaseResourceHandler(ResourceHandler):
         committed: list[str] = []
         errors: list[BaseException] = []
         try:
+            if not leases:
+                with self._lock:
+                    self._counts["commits" if commit else "rollbacks"] += 1
+            last = leases[-1] if leases else None
             for lease in leases:
+                ended = False
                 if commit and not errors:
                     try:
                         self._end_lease(lease, commit=True, ended="released")
                         committed.append(lease.resource)
-                        continue
+                        ended = True
                     except BaseException as exc:
                         errors.append(exc)
+                if not ended:
+                    try:
+                        self._end_lease(lease, commit=False, ended="rolled back")
+                    except BaseException as exc:
+                        errors.append(exc)
+                outcome = None
+                if lease is last:
+                    outcome = "commits" if commit and not errors else "rollbacks"
                 try:
-                    self._end_lease(lease, commit=False, ended="rolled back")
+                    self._checkin(lease, outcome=outcome)
                 except BaseException as exc:
                     errors.append(exc)
         finally:
             for lease in leases:
                 lease.lock.release()
-        with self._lock:
-            self._counts["commits" if commit and not errors else "rollbacks"] += 1
         if not errors:
             logger.debug("plan %r %s", plan.plan_id, "released" if commit else "rolled back")
             return
@@ -1014,14 +1157,19 @@ class DatabaseResourceHandler(ResourceHandler):
         raise error
 
     def _end_lease(self, lease: _Lease, *, commit: bool, ended: str) -> None:
-        """Commit or roll back one lease (its lock held) and give its connection back."""
+        """Commit or roll back one lease's transaction (its lock held).
+
+        The caller gives the connection back with :meth:`_checkin`, except after
+        a failed rollback: the connection's state is then unknown, so it is
+        closed here and never lent again.
+        """
         lease.ended = lease.ended or ended
-        if lease.conn is None:
-            self._checkin(lease)
+        conn = lease.conn
+        if conn is None:
             return
         engine = lease.database.engine
         if commit:
-            reason = engine.check_committable(lease.conn)
+            reason = engine.check_committable(conn)
             if reason is not None:
                 raise ResourceError(
                     f"nothing was committed: {reason}",
@@ -1030,14 +1178,13 @@ class DatabaseResourceHandler(ResourceHandler):
                     operation="commit",
                 )
         try:
-            (engine.commit if commit else engine.rollback)(lease.conn)
+            (engine.commit if commit else engine.rollback)(conn)
         except BaseException as exc:
-            if not commit:  # the connection's state is unknown: never lend it again
+            if not commit:
                 self._checkin(lease, broken=True)
             if isinstance(exc, engine.driver_error):
                 raise self._wrap(exc, lease, "commit" if commit else "rollback", None) from exc
             raise
-        self._checkin(lease)
 
     def _pick_victim(self, asking: _Plan) -> _Plan | None:
         """Take the least recently used plan not mid-statement, with its lease locks held.
@@ -1074,8 +1221,6 @@ class DatabaseResourceHandler(ResourceHandler):
     def _end_quietly(self, plan: _Plan, how: Literal["expired", "evicted"], now: float) -> None:
         """Mark a plan reaped or evicted so its next call raises; call with ``_lock`` held."""
         del self._plans[plan.plan_id]
-        if plan.deadline is not None:
-            self._reaper.cancel(plan.deadline)
         last = None
         for lease in plan.leases.values():
             lease.ended = how
@@ -1128,6 +1273,9 @@ class DatabaseResourceHandler(ResourceHandler):
         stale: list[_Idle] = []
         with self._lock:
             for item in due:
+                if item == "plans":
+                    reaped += self._sweep_plans(now)
+                    continue
                 if item == "idle":
                     self._idle_sweep = None
                     limit = now - self.config.idle_timeout
@@ -1139,19 +1287,7 @@ class DatabaseResourceHandler(ResourceHandler):
                         self._idle_sweep = self._reaper.schedule(
                             oldest + self.config.idle_timeout, "idle"
                         )
-                    continue
-                plan: _Plan = item
-                if self._plans.get(plan.plan_id) is not plan:
-                    continue
-                expiry = plan.last_used + plan.ttl
-                if expiry > now or not self._try_lock_plan(plan):
-                    # Used since this deadline was set, or in use right now.
-                    when = expiry if expiry > now else now + plan.ttl
-                    plan.deadline = self._reaper.schedule(when, plan)
-                    continue
-                self._end_quietly(plan, "expired", now)
-                reaped.append(plan)
-            if stale:
+            if stale and self._slot_waiters:
                 self._slot_freed.notify(len(stale))
         for entry in stale:
             self._close_connection(entry.database, entry.conn)
@@ -1166,6 +1302,46 @@ class DatabaseResourceHandler(ResourceHandler):
                 self._finish(plan, commit=False, locked=True)
             except ResourceError as exc:
                 logger.warning("rolling back reaped plan %r: %s", plan.plan_id, exc)
+
+    def _arm_plan_sweep(self, when: float) -> None:
+        """Make sure the plan sweep runs by *when*; call with ``_lock`` held.
+
+        A plan that ends before the sweep costs the reaper nothing: there is
+        one deadline for all plans, moved earlier only when a plan could expire
+        before it (a first plan, or a shorter ``checkpoint_ttl``).
+        """
+        sweep = self._plan_sweep
+        if sweep is not None and not sweep.cancelled:
+            if sweep.when <= when:
+                return
+            self._reaper.cancel(sweep)
+        self._plan_sweep = self._reaper.schedule(when, "plans")
+
+    def _sweep_plans(self, now: float) -> list[_Plan]:
+        """Take every plan idle past its TTL and not in use; re-arm for the rest.
+
+        Call with ``_lock`` held. The plans returned are marked expired, out of
+        ``_plans``, with their lease locks held. A plan in use now is looked at
+        again a whole TTL later, as it cannot expire sooner once it is left.
+        """
+        sweep = self._plan_sweep
+        if sweep is not None and sweep.cancelled:  # the reaper marks what it hands over
+            self._plan_sweep = None
+        reaped: list[_Plan] = []
+        earliest: float | None = None
+        for plan in list(self._plans.values()):
+            expiry = plan.last_used + plan.ttl
+            if expiry <= now:
+                if self._try_lock_plan(plan):
+                    self._end_quietly(plan, "expired", now)
+                    reaped.append(plan)
+                    continue
+                expiry = now + plan.ttl
+            if earliest is None or expiry < earliest:
+                earliest = expiry
+        if earliest is not None:
+            self._arm_plan_sweep(earliest)
+        return reaped
 
     # -- fork -----------------------------------------------------------------------
 

@@ -163,12 +163,50 @@ def _plan_connection_class(psycopg: ModuleType) -> type[Any]:
     """Return the ``psycopg.Connection`` subclass the handler lends to plans.
 
     It refuses ``commit()``, ``rollback()`` and ``with conn:`` (which would
-    commit, or close the session): the handler owns the plan's transaction and
-    ends it when the plan ends.
+    commit, or close the session), and its cursors refuse statements that
+    would end the plan's transaction or change session settings (see
+    :func:`_refusal`): the handler owns the plan's transaction and ends it
+    when the plan ends.
     """
+
+    def check(cursor: Any, query: Any) -> None:
+        if cursor.connection.handler_statement:
+            return
+        if isinstance(query, bytes):
+            query = query.decode(errors="replace")
+        elif not isinstance(query, str):
+            query = query.as_string(cursor.connection)  # a psycopg.sql composition
+        refusal = _refusal(query)
+        if refusal is not None:
+            raise ResourceError(f"plans may not run {refusal}")
+
+    class PlanCursor(psycopg.Cursor):  # type: ignore[misc,name-defined]
+        """A cursor of a plan's session; it reads each statement before sending it."""
+
+        def execute(self, query: Any, params: Any = None, **options: Any) -> Any:
+            check(self, query)
+            return super().execute(query, params, **options)
+
+        def executemany(self, query: Any, params_seq: Any, **options: Any) -> None:
+            check(self, query)
+            super().executemany(query, params_seq, **options)
 
     class PlanConnection(psycopg.Connection):  # type: ignore[misc,name-defined]
         """A plan's session: a ``psycopg.Connection`` whose transaction the handler owns."""
+
+        handler_statement = False  # True while the handler runs its own SQL
+
+        @classmethod
+        def connect(cls, *args: Any, **kwargs: Any) -> Any:
+            return super().connect(*args, cursor_factory=PlanCursor, **kwargs)
+
+        def own(self, sql: str) -> None:
+            """Run one of the handler's own statements (BEGIN, SAVEPOINT, COMMIT...)."""
+            self.handler_statement = True
+            try:
+                psycopg.Connection.execute(self, sql)
+            finally:
+                self.handler_statement = False
 
         def __enter__(self) -> Any:
             raise ResourceError(
@@ -188,6 +226,7 @@ def _plan_connection_class(psycopg: ModuleType) -> type[Any]:
                 "back to its checkpoint, or fail the plan to undo all of it"
             )
 
+    PlanCursor.__qualname__ = PlanCursor.__name__
     PlanConnection.__qualname__ = PlanConnection.__name__
     return PlanConnection
 
@@ -386,13 +425,13 @@ class PostgreSQLEngine(Engine):
         # One round trip; SET LOCAL ends with the transaction, so an idle
         # session shows only the runtime's name again.
         name = _quote_literal(_application_name(plan_id))
-        conn.execute(f"BEGIN; SET LOCAL application_name = {name}")
+        conn.own(f"BEGIN; SET LOCAL application_name = {name}")
 
     def savepoint(self, conn: Any, name: str) -> None:
-        conn.execute(f'SAVEPOINT "{name}"')
+        conn.own(f'SAVEPOINT "{name}"')
 
     def rollback_to(self, conn: Any, name: str) -> None:
-        conn.execute(f'ROLLBACK TO SAVEPOINT "{name}"')
+        conn.own(f'ROLLBACK TO SAVEPOINT "{name}"')
 
     def commit(self, conn: Any) -> None:
         # PostgreSQL answers COMMIT of an aborted transaction with a silent
@@ -402,13 +441,13 @@ class PostgreSQLEngine(Engine):
                 "the transaction is aborted; COMMIT would only roll it back"
             )
         # RELEASE of the outermost savepoint does not commit on PostgreSQL; COMMIT does.
-        conn.execute("COMMIT")
+        conn.own("COMMIT")
 
     def rollback(self, conn: Any) -> None:
         if conn.closed or conn.pgconn.transaction_status == self._idle:
             return  # nothing open: a lost session was rolled back by the server
         try:
-            conn.execute("ROLLBACK")
+            conn.own("ROLLBACK")
         except self._pg.OperationalError:
             if not conn.closed:
                 raise
@@ -417,9 +456,6 @@ class PostgreSQLEngine(Engine):
         self, conn: Any, sql: str, params: Mapping[str, Any] | Sequence[Any] | None
     ) -> list[tuple[Any, ...]]:
         """Run one statement; a mapping binds ``:name``, a sequence binds ``?``."""
-        refusal = _refusal(sql)
-        if refusal is not None:
-            raise ResourceError(f"plans may not run {refusal}")
         values: Mapping[str, Any] | Sequence[Any] | None
         if not params:
             query, values = sql, None
