@@ -429,3 +429,51 @@ def test_a_failing_handler_does_not_stop_the_subscribers() -> None:
     errors = dispatch(pm, "cleveragents_plan_completed", plan=types.SimpleNamespace(id="p3"))
     assert log == ["handler released p3", "a completed p3"]
     assert [(e.plugin, str(e.error)) for e in errors] == [("handler", "commit went wrong")]
+
+
+def test_a_hook_wrapper_is_refused_at_load_naming_its_distribution(
+    distributions: Callable[..., None], module: Callable[..., types.ModuleType]
+) -> None:
+    @hookimpl(wrapper=True)
+    def cleveragents_plan_completed(plan: Any) -> Any:
+        """Would only build a generator: cleveragents calls implementations one by one."""
+        return (yield)
+
+    module("wrapping", cleveragents_plan_completed=cleveragents_plan_completed)
+    distributions(_FakeDistribution("wrapping", "2.0", ("wrapping", "wrapping", "cleveragents")))
+    with pytest.raises(
+        PluginError,
+        match=r"'wrapping' from distribution 'wrapping 2\.0' implements "
+        r"cleveragents_plan_completed as a hook wrapper",
+    ) as info:
+        get_plugin_manager()
+    assert info.value.plugin == "wrapping 2.0"
+
+
+@pytest.mark.parametrize("style", ["wrapper", "hookwrapper"])
+def test_a_wrapper_registered_later_is_reported_not_silently_skipped(
+    subscribed: tuple[pluggy.PluginManager, list[str]], style: str
+) -> None:
+    pm, log = subscribed
+
+    class Wrapping:
+        @hookimpl(**{style: True})
+        def cleveragents_plan_failed(self, plan: Any) -> Any:
+            log.append("wrapper ran")
+            return (yield)
+
+        @hookimpl(**{style: True})
+        def cleveragents_register_tools(self, registry: Any) -> Any:
+            return (yield)
+
+    pm.register(Wrapping(), name="wrapping")
+    errors = dispatch(
+        pm, "cleveragents_plan_failed", plan=types.SimpleNamespace(id="p3"), error=None
+    )
+    assert "wrapper ran" not in log
+    assert "handler rolled back p3" in log  # everyone else was still told
+    refused = [e for e in errors if e.plugin == "wrapping"]
+    assert [type(e.error) for e in refused] == [PluginError]
+    assert "as a hook wrapper" in str(refused[0])
+    with pytest.raises(PluginError, match="cleveragents_register_tools as a hook wrapper"):
+        registries(pm)

@@ -278,3 +278,15 @@ def test_a_loaded_plan_and_stress_options_hide_the_dsn(tmp_path: Path) -> None:
     for shown in (repr(plan), str(plan), repr(plan.resources["inv"]), repr(options)):
         assert SECRET not in shown
     assert plan.resource("inv").dsn == DSN  # hidden from view, not lost
+
+
+def test_the_secrets_remembered_for_redaction_stay_bounded() -> None:
+    engine = PostgreSQLEngine()
+    for number in range(1000):
+        engine._remember_secrets(f"postgresql://app:pw{number:04d}x@db.example/inventory")
+    engine._remember_secrets(DSN)
+
+    assert len(engine._secrets) <= 2 * 256  # each DSN and its password, latest DSNs only
+    assert SECRET not in engine.redact(ValueError(f"failed for {DSN}"))
+    assert "pw0999x" not in engine.redact(ValueError("password is pw0999x"))
+    assert "pw0000x" in engine.redact(ValueError("password is pw0000x"))  # forgotten: oldest

@@ -41,6 +41,7 @@ class _Tools:
         registry.add("always_fails", self.always_fails)
         registry.add("interrupt_then", self.interrupt_then)
         registry.add("long_query", self.long_query)
+        registry.add("exits", self.exits)
 
     @hookimpl
     def cleveragents_plan_completed(self, plan: Plan) -> None:
@@ -74,6 +75,11 @@ class _Tools:
         self.runtime.interrupt("SIGTERM")
         if fail:
             raise RuntimeError("failed after the interrupt")
+
+    def exits(self, ctx: ToolContext) -> None:
+        with ctx.connection("inv") as conn:
+            conn.execute("INSERT INTO t VALUES ('before exit')")
+        raise SystemExit(3)  # e.g. argparse giving up inside a tool
 
     def long_query(self, ctx: ToolContext) -> None:
         with ctx.connection("inv") as conn:
@@ -421,3 +427,22 @@ def test_plans_run_in_parallel_share_one_handler(
     assert sorted(rows(db_path, "SELECT v FROM t")) == [("p0",), ("p2",), ("p4",)]
     assert runtime.handlers["database"].stats()["open_connections"] <= 4
     _idle(runtime)
+
+
+def test_a_tool_raising_system_exit_still_ends_its_plan(
+    runtime: Runtime, tools: _Tools, write_plan: Callable[[str], Path], db_path: Path, rows: Any
+) -> None:
+    plan = runtime.load(write_plan("  - {id: bail, tool: exits}\n"))
+
+    with pytest.raises(SystemExit) as raised:
+        runtime.run(plan)
+
+    assert raised.value.code == 3
+    assert tools.events == ["failed p: SystemExit"]
+    _idle(runtime)  # rolled back, connection and write turn given back
+    assert rows(db_path, "SELECT count(*) FROM t") == [(0,)]
+    # The next plan on the same file is not kept waiting for the write turn.
+    again = _run(
+        runtime, write_plan("  - {id: s, sql: \"INSERT INTO t VALUES ('next')\", resource: inv}\n")
+    )
+    assert again.completed, again.error

@@ -12,6 +12,7 @@ import pytest
 from cleveragents.errors import ResourceError
 from cleveragents.resource import Resource
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
+from cleveragents.resource.handlers.sqlite import SQLiteEngine, SQLiteSettings
 
 Rows = Callable[..., list[tuple[Any, ...]]]
 
@@ -110,3 +111,10 @@ def test_a_statement_the_handler_ran_cannot_be_borrowed_from_the_cache(
         handler.execute(resource, "second", "COMMIT")
     handler.rollback_plan("second")
     assert rows(db_path, "SELECT v FROM t") == [("first",)]
+
+
+def test_interrupting_a_connection_closed_meanwhile_is_quiet(tmp_path: Path) -> None:
+    engine = SQLiteEngine()
+    conn = engine.open(SQLiteSettings(location=str(tmp_path / "x.db")), application_name="t")
+    engine.close(conn)
+    engine.interrupt(conn)  # its plan ended between the snapshot and the interrupt

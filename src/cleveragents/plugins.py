@@ -49,7 +49,26 @@ def get_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginManage
         raise PluginError(
             f"plugin {name!r} from distribution {source!r} is invalid: {exc}", plugin=source
         ) from exc
+    for hook in pm.hook.__dict__.values():
+        for impl in hook.get_hookimpls():
+            if _is_wrapper(impl):
+                raise _wrapper_error(pm, impl, hook.name)
     return pm
+
+
+def _is_wrapper(impl: Any) -> bool:
+    return bool(impl.hookwrapper or impl.wrapper)
+
+
+def _wrapper_error(pm: pluggy.PluginManager, impl: Any, hook: str) -> PluginError:
+    name = pm.get_name(impl.plugin) or repr(impl.plugin)
+    source = plugin_source(pm, impl.plugin)
+    return PluginError(
+        f"plugin {name!r} from distribution {source!r} implements {hook} as a hook wrapper; "
+        "cleveragents calls each implementation of its hooks on its own (so that one "
+        "failing subscriber cannot stop the others), so write a plain hookimpl",
+        plugin=source,
+    )
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
@@ -98,9 +117,13 @@ def registries(pm: pluggy.PluginManager) -> tuple[ResourceRegistry, ToolRegistry
     kinds = ResourceRegistry()
     tools = ToolRegistry()
     for impl in pm.hook.cleveragents_register_resource_handlers.get_hookimpls():
+        if _is_wrapper(impl):
+            raise _wrapper_error(pm, impl, "cleveragents_register_resource_handlers")
         kinds.current_source = f"{pm.get_name(impl.plugin)} ({plugin_source(pm, impl.plugin)})"
         impl.function(**dict.fromkeys(impl.argnames, kinds))
     for impl in pm.hook.cleveragents_register_tools.get_hookimpls():
+        if _is_wrapper(impl):
+            raise _wrapper_error(pm, impl, "cleveragents_register_tools")
         tools.current_source = f"{pm.get_name(impl.plugin)} ({plugin_source(pm, impl.plugin)})"
         impl.function(**dict.fromkeys(impl.argnames, tools))
     return kinds, tools
@@ -137,6 +160,11 @@ def dispatch(
     ordered = {"all": handlers + others, "handlers": handlers, "others": others}[only]
     errors = []
     for impl in ordered:
+        if _is_wrapper(impl):
+            error = _wrapper_error(pm, impl, event)
+            logger.error("%s", error)
+            errors.append(SubscriberError(event, pm.get_name(impl.plugin) or "?", error))
+            continue
         try:
             impl.function(**{name: kwargs[name] for name in impl.argnames})
         except Exception as exc:  # one bad subscriber must never stop the others

@@ -200,14 +200,21 @@ class Runtime:
         results = [StepResult(step.id, "not run") for step in plan.steps]
         failure: BaseException | None = None
         failed_step: str | None = None
-        for step, result in zip(plan.steps, results, strict=True):
-            if self._interrupted is not None:
-                failure = Interrupted(self._interrupted)
-                break
-            failure = self._run_step(plan, step, result)
-            if failure is not None:
-                failed_step = step.id
-                break
+        try:
+            for step, result in zip(plan.steps, results, strict=True):
+                if self._interrupted is not None:
+                    failure = Interrupted(self._interrupted)
+                    break
+                failure = self._run_step(plan, step, result)
+                if failure is not None:
+                    failed_step = step.id
+                    break
+        except BaseException as exc:
+            # SystemExit or KeyboardInterrupt from a tool: the plan still ends
+            # (rolled back, its connection and write turn given back), then the
+            # exception goes on to whoever asked for it.
+            dispatch(self.plugin_manager, "cleveragents_plan_failed", plan=plan, error=exc)
+            raise
         if failure is None:
             errors = dispatch(
                 self.plugin_manager, "cleveragents_plan_completed", only="handlers", plan=plan

@@ -17,6 +17,7 @@ Ownership, in one place:
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import collections
 import dataclasses
@@ -301,7 +302,7 @@ class _Lease:
         self.resource = resolved.resource
         self.settings = resolved.settings
         self.config = resolved.config
-        self.lock = threading.RLock()
+        self.lock = _thread.RLock()  # threading.RLock() is a Python-level factory for it
         self.users = 0
         self.conn: Any = None
         self.has_turn = False
@@ -516,7 +517,10 @@ class DatabaseResourceHandler(ResourceHandler):
             else:
                 self._leave(lease)
             raise
-        self._leave(lease)
+        # _leave(lease), inline: this is the path every plan takes.
+        lease.plan.last_used = time.monotonic()
+        lease.users -= 1
+        lease.lock.release()
         return make_checkpoint_result(
             plan_id, checkpoint_id, resource.name, len(lease.checkpoints), checkpoint.created_at
         )
@@ -1039,9 +1043,7 @@ class DatabaseResourceHandler(ResourceHandler):
         logger.debug("handler %r opened a connection to %r", self.name, lease.database.label)
         return conn
 
-    def _checkin(
-        self, lease: _Lease, *, broken: bool = False, outcome: str | None = None
-    ) -> None:
+    def _checkin(self, lease: _Lease, *, broken: bool = False, outcome: str | None = None) -> None:
         """Take the lease's connection and write turn back: to the idle pool if clean, else close.
 
         One pass under ``_lock`` gives back both and counts the plan's
@@ -1093,8 +1095,10 @@ class DatabaseResourceHandler(ResourceHandler):
     def _take_plan(self, plan_id: str, operation: str) -> _Plan | None:
         _check_label("plan_id", plan_id)
         with self._lock:
-            self._check_open()
-            self._raise_if_ended(plan_id, operation)
+            if self._closed:
+                raise HandlerClosedError(self.name)
+            if self._endings:
+                self._raise_if_ended(plan_id, operation)
             return self._plans.pop(plan_id, None)
 
     def _finish(self, plan: _Plan, *, commit: bool, locked: bool = False) -> None:

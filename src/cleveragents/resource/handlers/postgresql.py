@@ -20,6 +20,7 @@ What differs from SQLite, and why the code below looks the way it does:
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import logging
@@ -53,6 +54,7 @@ _UNPARSABLE = (
 # PostgreSQL keeps at most 63 bytes of a name (NAMEDATALEN - 1).
 _MAX_NAME = 63
 _CONNECT_TIMEOUT = 10
+_MAX_REMEMBERED_DSNS = 256
 # The server-side backstop fires this long after checkpoint_ttl at the earliest,
 # so the reaper (which rolls back at checkpoint_ttl) always acts first.
 _BACKSTOP_FACTOR = 1.25
@@ -354,6 +356,7 @@ class PostgreSQLEngine(Engine):
         self._in_error = self._pg.pq.TransactionStatus.INERROR
         self._secrets_lock = threading.Lock()
         self._secrets: tuple[str, ...] = ()
+        self._secrets_by_dsn: collections.OrderedDict[str, set[str]] = collections.OrderedDict()
 
     # -- identity and configuration -------------------------------------------
 
@@ -534,10 +537,18 @@ class PostgreSQLEngine(Engine):
             password = None
         if password:
             found.add(password)
-        # Longest first, so a DSN is removed whole before its password is.
         with self._secrets_lock:
-            if not found.issubset(self._secrets):
-                self._secrets = tuple(sorted(found.union(self._secrets), key=len, reverse=True))
+            if dsn in self._secrets_by_dsn:
+                self._secrets_by_dsn.move_to_end(dsn)
+                return
+            self._secrets_by_dsn[dsn] = found
+            # Bounded: a process that meets endless DSNs keeps the latest ones (a
+            # DSN is used right after it is noted: connection errors quote it then).
+            while len(self._secrets_by_dsn) > _MAX_REMEMBERED_DSNS:
+                self._secrets_by_dsn.popitem(last=False)
+            everything = set().union(*self._secrets_by_dsn.values())
+            # Longest first, so a DSN is removed whole before its password is.
+            self._secrets = tuple(sorted(everything, key=len, reverse=True))
 
 
 @functools.cache

@@ -271,7 +271,10 @@ class SQLiteEngine(Engine):
         conn.close()
 
     def interrupt(self, conn: PlanConnection) -> None:
-        conn.interrupt()
+        try:
+            conn.interrupt()
+        except sqlite3.ProgrammingError:
+            pass  # closed meanwhile (its plan ended): nothing runs there to interrupt
 
     def classify(self, exc: BaseException) -> Outcome:
         code = getattr(exc, "sqlite_errorcode", None)
