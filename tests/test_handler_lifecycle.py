@@ -181,6 +181,69 @@ def test_the_handler_ttl_applies_when_a_resource_sets_none(
         handler.rollback_to(resource, "p1", "a")
 
 
+def test_plans_that_end_in_time_leave_nothing_for_the_reaper(
+    handler: DatabaseResourceHandler, resource: Resource
+) -> None:
+    scheduled: list[Any] = []
+    real_schedule = handler._reaper.schedule
+
+    def counting_schedule(when: float, key: Any) -> Any:
+        scheduled.append(key)
+        return real_schedule(when, key)
+
+    handler._reaper.schedule = counting_schedule  # type: ignore[method-assign]
+    for index in range(200):
+        handler.create_checkpoint(resource, f"p{index}", "a")
+        handler.release_plan(f"p{index}")
+    # One deadline sweeps every plan, one closes idle connections: none per plan.
+    assert sorted(scheduled) == ["idle", "plans"]
+    assert len(handler._reaper) == 2
+
+
+def test_a_plan_begun_after_the_sweep_was_set_is_reaped_at_its_own_ttl(
+    handler: DatabaseResourceHandler, db_path: Path
+) -> None:
+    resource = _database(db_path, checkpoint_ttl="300ms")
+    handler.create_checkpoint(resource, "early", "a")
+    handler.release_plan("early")  # the sweep stays set for 300ms after "early" began
+    time.sleep(0.15)
+    began = time.monotonic()
+    handler.create_checkpoint(resource, "late", "a")
+    time.sleep(0.2)  # past the sweep, short of late's own TTL
+    assert handler.stats().reaped == 0
+    _wait_until(lambda: handler.stats().reaped == 1)
+    assert time.monotonic() - began >= 0.3
+    with pytest.raises(CheckpointExpiredError):
+        handler.release_plan("late")
+
+
+def test_a_new_plan_with_a_shorter_ttl_is_reaped_first(
+    handler: DatabaseResourceHandler, db_path: Path, tmp_path: Path
+) -> None:
+    patient = _database(db_path, checkpoint_ttl=60)
+    other_path = tmp_path / "other.db"
+    sqlite3.connect(other_path).close()
+    hasty = _database(other_path, "hasty", checkpoint_ttl="200ms")
+    handler.create_checkpoint(patient, "slow", "a")  # sets the sweep 60s away
+    handler.create_checkpoint(hasty, "quick", "a")  # must bring it forward
+    _wait_until(lambda: handler.stats().reaped == 1)
+    with pytest.raises(CheckpointExpiredError):
+        handler.release_plan("quick")
+    handler.release_plan("slow")
+
+
+def test_connection_lends_nothing_until_the_block_is_entered(
+    handler: DatabaseResourceHandler, resource: Resource
+) -> None:
+    lending = handler.connection(resource, "p1")
+    assert handler.stats().active_plans == 0
+    with lending as conn:
+        assert handler.stats().active_plans == 1
+        conn.execute("INSERT INTO t VALUES ('x')")
+    handler.rollback_plan("p1")
+    assert handler.stats().active_plans == 0
+
+
 def test_idle_connections_are_closed_after_idle_timeout(
     make_handler: MakeHandler,
     resource: Resource,

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from cleveragents.resource import Resource, ResourceHandler
+from cleveragents.resource import CheckpointResult, Resource, ResourceHandler
+from cleveragents.resource.base import make_checkpoint_result
 from cleveragents.resource.handlers.database import DatabaseResourceHandler, HandlerStats
 from cleveragents.resource.handlers.engine import Engine
 
@@ -38,6 +39,8 @@ def test_resources_with_the_same_keys_are_equal_and_hash_alike() -> None:
         Resource(name="inv", kind="queue", engine="sqlite", location="inv.db"),
         Resource(name="inv", kind="database", engine="sqlite", location="other.db"),
         Resource(name="inv", kind="database", engine="sqlite", location="inv.db", lock="deferred"),
+        Resource(name="inv", kind="database", engine="sqlite", location=["inv.db"]),
+        Resource(name="inv", kind="database", engine="sqlite", location="inv.db", x=None),
     ],
 )
 def test_resources_differing_in_any_key_are_not_equal(other: Resource) -> None:
@@ -275,3 +278,28 @@ def test_engine_base_class_defaults() -> None:
     assert engine.takes_turns(None) is False
     assert engine.check_committable(object()) is None
     assert engine.redact(OSError("plain message")) == "plain message"
+
+
+def test_the_fast_checkpoint_result_is_an_ordinary_one() -> None:
+    made = make_checkpoint_result("p1", "start", "inv", 2, 12.5)
+    plain = CheckpointResult(
+        plan_id="p1", checkpoint_id="start", resource="inv", depth=2, created_at=12.5
+    )
+    assert made == plain
+    assert hash(made) == hash(plain)
+    assert repr(made) == repr(plain)
+    assert dataclasses.asdict(made) == dataclasses.asdict(plain)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.depth = 3  # type: ignore[misc]
+
+
+def test_equal_resources_made_apart_share_the_plans_lease(tmp_path: Path) -> None:
+    def inventory() -> Resource:
+        return Resource("inv", "database", engine="sqlite", location=str(tmp_path / "inv.db"))
+
+    with DatabaseResourceHandler() as handler:
+        first = handler.create_checkpoint(inventory(), "p1", "a")
+        second = handler.create_checkpoint(inventory(), "p1", "b")
+        assert (first.depth, second.depth) == (1, 2)
+        assert handler.stats().open_connections == 1
+        handler.rollback_plan("p1")

@@ -72,10 +72,13 @@ class Resource:
             return True
         if not isinstance(other, Resource):
             return NotImplemented
-        return (self.name, self.kind, dict(self.options)) == (
-            other.name,
-            other.kind,
-            dict(other.options),
+        # Mapping proxies compare by their dicts: no copies. Handlers look
+        # resources up by equality on every call, so this stays cheap.
+        return (
+            self._hash == other._hash
+            and self.name == other.name
+            and self.kind == other.kind
+            and self.options == other.options
         )
 
     def __hash__(self) -> int:

@@ -9,10 +9,16 @@ Ownership, in one place:
   in-memory together) and never exceeds ``max_connections``;
 * a plan owns one *lease* per database it touched: the connection, its
   checkpoints, its write turn, and a lock so one thread at a time uses it;
-* the reaper owns nothing: it only calls back at deadlines;
-* ``_lock`` guards the bookkeeping and is never held while SQL runs. Lock
-  order is lease lock, then ``_lock``; under ``_lock`` a lease lock is only
-  ever tried without blocking.
+* the reaper owns nothing: it only calls back at deadlines, one for all
+  plans (the earliest a plan can expire) and one for idle connections;
+* ``_lock`` guards the bookkeeping, write turnstiles included, and is never
+  held while SQL runs. Lock order is lease lock, then ``_lock``; under
+  ``_lock`` a new lease's lock is taken, any other only tried without blocking.
+
+The per-plan path is kept short on purpose (see docs/performance.md): a new
+lease gets an idle connection and a free turn in the one critical section that
+makes it, a lease already held is found without ``_lock``, and giving it back
+is one more critical section.
 """
 
 from __future__ import annotations
@@ -257,13 +263,6 @@ class _Resolved:
     takes_turns: bool
 
 
-@dataclasses.dataclass(slots=True)
-class _Checkpoint:
-    label: str
-    savepoint: str
-    created_at: float
-
-
 class _Plan:
     """A plan with open work on this handler."""
 
@@ -281,7 +280,6 @@ class _Lease:
 
     __slots__ = (
         "checkpoints",
-        "config",
         "conn",
         "database",
         "ended",
@@ -289,24 +287,20 @@ class _Lease:
         "lock",
         "plan",
         "resolved",
-        "resource",
         "savepoints_made",
-        "settings",
         "users",
     )
 
     def __init__(self, plan: _Plan, resolved: _Resolved) -> None:
         self.plan = plan
-        self.resolved = resolved
+        self.resolved = resolved  # its settings, resource name and connection config
         self.database = resolved.database
-        self.resource = resolved.resource
-        self.settings = resolved.settings
-        self.config = resolved.config
         self.lock = _thread.RLock()  # threading.RLock() is a Python-level factory for it
         self.users = 0
         self.conn: Any = None
         self.has_turn = False
-        self.checkpoints: list[_Checkpoint] = []
+        #: The savepoint name of each open checkpoint, by label, oldest first.
+        self.checkpoints: dict[str, str] = {}
         self.savepoints_made = 0
         self.ended: str | None = None
 
@@ -359,8 +353,10 @@ class _Lending:
         tb: TracebackType | None,
     ) -> None:
         lease, self._lease = self._lease, None
-        if lease is not None:
-            self._handler._leave(lease)
+        if lease is not None:  # DatabaseResourceHandler._leave, inline
+            lease.plan.last_used = time.monotonic()
+            lease.users -= 1
+            lease.lock.release()
 
 
 _LIVE: weakref.WeakSet[DatabaseResourceHandler] = weakref.WeakSet()
@@ -420,6 +416,11 @@ class DatabaseResourceHandler(ResourceHandler):
         self._engines: dict[str, Engine] = {}
         self._databases: dict[Hashable, _Database] = {}
         self._resolved: dict[Resource, _Resolved] = {}
+        # The same, by the Resource object itself: keyed by id(), with the
+        # object kept alive in the value, so an id found here is that very
+        # object's (two live objects never share one). Equal resources made
+        # apart (each plan load makes its own) cost one equality lookup each.
+        self._resolved_by_id: dict[int, tuple[Resource, _Resolved]] = {}
         self._plans: dict[str, _Plan] = {}
         # One reaper deadline covers every plan: the earliest moment one of them
         # can expire. Plans that end before it cost the reaper nothing.
@@ -492,16 +493,15 @@ class DatabaseResourceHandler(ResourceHandler):
         _check_label("checkpoint_id", checkpoint_id)
         lease, created = self._enter(resource, plan_id, "create_checkpoint", checkpoint_id)
         try:
-            for open_checkpoint in lease.checkpoints:
-                if open_checkpoint.label == checkpoint_id:
-                    raise CheckpointError(
-                        "a checkpoint with this label is already open; rollback_to it or use "
-                        "a new label",
-                        plan_id=plan_id,
-                        checkpoint_id=checkpoint_id,
-                        resource=resource.name,
-                        operation="create_checkpoint",
-                    )
+            if checkpoint_id in lease.checkpoints:
+                raise CheckpointError(
+                    "a checkpoint with this label is already open; rollback_to it or use "
+                    "a new label",
+                    plan_id=plan_id,
+                    checkpoint_id=checkpoint_id,
+                    resource=resource.name,
+                    operation="create_checkpoint",
+                )
             lease.savepoints_made += 1
             savepoint = f"cp_{lease.savepoints_made}"
             engine = lease.database.engine
@@ -509,8 +509,8 @@ class DatabaseResourceHandler(ResourceHandler):
                 engine.savepoint(lease.conn, savepoint)
             except engine.driver_error as exc:
                 raise self._wrap(exc, lease, "create_checkpoint", checkpoint_id) from exc
-            checkpoint = _Checkpoint(checkpoint_id, savepoint, time.time())
-            lease.checkpoints.append(checkpoint)
+            lease.checkpoints[checkpoint_id] = savepoint
+            created_at = time.time()
         except BaseException:
             if created:
                 self._abandon(lease)
@@ -522,7 +522,7 @@ class DatabaseResourceHandler(ResourceHandler):
         lease.users -= 1
         lease.lock.release()
         return make_checkpoint_result(
-            plan_id, checkpoint_id, resource.name, len(lease.checkpoints), checkpoint.created_at
+            plan_id, checkpoint_id, resource.name, len(lease.checkpoints), created_at
         )
 
     def rollback_to(self, resource: Resource, plan_id: str, checkpoint_id: str) -> None:
@@ -538,19 +538,19 @@ class DatabaseResourceHandler(ResourceHandler):
         if lease is None:
             raise self._not_found(resource, plan_id, checkpoint_id)
         try:
-            labels = [checkpoint.label for checkpoint in lease.checkpoints]
-            if checkpoint_id not in labels:
+            checkpoints = lease.checkpoints
+            savepoint = checkpoints.get(checkpoint_id)
+            if savepoint is None:
                 raise self._not_found(resource, plan_id, checkpoint_id)
-            index = labels.index(checkpoint_id)
-            checkpoint = lease.checkpoints[index]
             self._run(
                 lease,
                 "rollback_to",
                 checkpoint_id,
                 lease.database.engine.rollback_to,
-                checkpoint.savepoint,
+                savepoint,
             )
-            del lease.checkpoints[index + 1 :]
+            while next(reversed(checkpoints)) != checkpoint_id:
+                checkpoints.popitem()  # the newest: dicts keep insertion order
         finally:
             self._leave(lease)
 
@@ -698,8 +698,14 @@ class DatabaseResourceHandler(ResourceHandler):
 
     def _resolve(self, resource: Resource, plan_id: str) -> _Resolved:
         """Validate *resource* and find its database (both cached). Call with ``_lock`` held."""
+        known = self._resolved_by_id.get(id(resource))
+        if known is not None:
+            return known[1]
+        if len(self._resolved_by_id) >= _MAX_RESOLVED:
+            self._resolved_by_id.clear()
         found = self._resolved.get(resource)
         if found is not None:
+            self._resolved_by_id[id(resource)] = (resource, found)
             return found
         try:
             settings = _validated(resource)
@@ -731,6 +737,7 @@ class DatabaseResourceHandler(ResourceHandler):
             memory=engine.is_memory(settings),
             takes_turns=engine.takes_turns(settings),
         )
+        self._resolved_by_id[id(resource)] = (resource, found)
         return found
 
     def _forget_unused_databases(self) -> None:
@@ -742,6 +749,7 @@ class DatabaseResourceHandler(ResourceHandler):
             if identity not in used and not busy:
                 del self._databases[identity]
         self._resolved.clear()
+        self._resolved_by_id.clear()
 
     def _enter(
         self,
@@ -765,13 +773,14 @@ class DatabaseResourceHandler(ResourceHandler):
 
         A new lease takes an idle connection and a free write turn right here,
         under ``_lock``; only when one of them is not at hand does
-        :meth:`_open_lease` wait for it, outside the lock.
+        :meth:`_wait_for_lease` wait for it, outside the lock.
         """
         _check_label("plan_id", plan_id)
         if not isinstance(resource, Resource):
             raise TypeError(f"expected a Resource, got {resource!r}")
         plan = self._plans.get(plan_id)
-        resolved = self._resolved.get(resource)
+        known = self._resolved_by_id.get(id(resource))
+        resolved = known[1] if known is not None else self._resolved.get(resource)
         if plan is not None and resolved is not None and not self._closed:
             lease = plan.leases.get(resolved.database.identity)
             if lease is not None:
@@ -787,7 +796,10 @@ class DatabaseResourceHandler(ResourceHandler):
                     raise HandlerClosedError(self.name)
                 if self._endings:
                     self._raise_if_ended(plan_id, operation)
-                resolved = self._resolved.get(resource) or self._resolve(resource, plan_id)
+                if known is not None and self._resolved_by_id.get(id(resource)) is known:
+                    resolved = known[1]  # what the lock-free look-up found is still current
+                else:
+                    resolved = self._resolve(resource, plan_id)
                 database = resolved.database
                 now = time.monotonic()
                 plan = self._plans.get(plan_id)
@@ -819,7 +831,13 @@ class DatabaseResourceHandler(ResourceHandler):
             # The plan ended (or its lease failed to open) while we waited: go
             # round again, which raises for a reaped/evicted plan.
         try:
-            self._open_lease(lease, operation, checkpoint_id)
+            if lease.conn is None or (resolved.takes_turns and not lease.has_turn):
+                self._wait_for_lease(lease, operation, checkpoint_id)
+            engine = database.engine
+            try:
+                engine.begin(lease.conn, resolved.settings, plan_id=plan_id)
+            except engine.driver_error as exc:
+                raise self._wrap(exc, lease, operation, checkpoint_id) from exc
         except BaseException:
             self._abandon(lease)
             raise
@@ -834,7 +852,7 @@ class DatabaseResourceHandler(ResourceHandler):
         """Give a new lease an idle connection and its write turn, if both are free now.
 
         Call with ``_lock`` held; nothing here waits. A turn is only taken
-        together with a connection (as :meth:`_open_lease` does, in that order),
+        together with a connection (as :meth:`_wait_for_lease` does, in that order),
         so a plan never holds a turn while it waits for a pool slot.
         """
         database = resolved.database
@@ -854,12 +872,11 @@ class DatabaseResourceHandler(ResourceHandler):
                     lease.has_turn = True
                 return
 
-    def _open_lease(self, lease: _Lease, operation: str, checkpoint_id: str | None) -> None:
-        """Give a new lease what it still lacks (connection, turn), then its transaction."""
+    def _wait_for_lease(self, lease: _Lease, operation: str, checkpoint_id: str | None) -> None:
+        """Give a new lease what :meth:`_take_at_hand` could not: a connection, then its turn."""
         resolved = lease.resolved
         database = lease.database
-        engine = database.engine
-        settings = lease.settings
+        settings = resolved.settings
         plan_id = lease.plan.plan_id
         if not resolved.memory and lease.conn is None:
             lease.conn = self._checkout(lease, settings)
@@ -874,7 +891,7 @@ class DatabaseResourceHandler(ResourceHandler):
                     holder=holder,
                     plan_id=plan_id,
                     checkpoint_id=checkpoint_id,
-                    resource=lease.resource,
+                    resource=lease.resolved.resource,
                     operation=operation,
                 )
             lease.has_turn = True
@@ -883,10 +900,6 @@ class DatabaseResourceHandler(ResourceHandler):
                 # Only the turn holder gets here, so one thread opens it.
                 database.memory_conn = self._checkout(lease, settings)
             lease.conn = database.memory_conn
-        try:
-            engine.begin(lease.conn, settings, plan_id=plan_id)
-        except engine.driver_error as exc:
-            raise self._wrap(exc, lease, operation, checkpoint_id) from exc
 
     def _run(
         self,
@@ -911,7 +924,7 @@ class DatabaseResourceHandler(ResourceHandler):
         context: dict[str, Any] = {
             "plan_id": lease.plan.plan_id,
             "checkpoint_id": checkpoint_id,
-            "resource": lease.resource,
+            "resource": lease.resolved.resource,
             "operation": operation,
         }
         kind = engine.classify(exc)
@@ -920,7 +933,7 @@ class DatabaseResourceHandler(ResourceHandler):
                 self._counts["busy_timeouts"] += 1
             return ResourceBusyError(
                 f"database {lease.database.label!r} stayed locked for longer than busy_timeout "
-                f"({lease.settings.busy_timeout:g}s): {engine.redact(exc)}",
+                f"({lease.resolved.settings.busy_timeout:g}s): {engine.redact(exc)}",
                 **context,
             )
         if kind == "lost":
@@ -980,7 +993,7 @@ class DatabaseResourceHandler(ResourceHandler):
                 self._check_open()
                 for key in reversed(self._idle):
                     entry = self._idle[key]
-                    if entry.database is database and entry.config == lease.config:
+                    if entry.database is database and entry.config == lease.resolved.config:
                         del self._idle[key]
                         return entry.conn
                 if self._open < self.config.max_connections:
@@ -1011,7 +1024,7 @@ class DatabaseResourceHandler(ResourceHandler):
                             limit=self.config.max_connections,
                             holders=holders,
                             plan_id=lease.plan.plan_id,
-                            resource=lease.resource,
+                            resource=lease.resolved.resource,
                             operation="acquire",
                         )
                     self._slot_waiters += 1
@@ -1067,7 +1080,7 @@ class DatabaseResourceHandler(ResourceHandler):
                 return
             if clean and not self._closed:
                 now = time.monotonic()
-                self._idle[id(conn)] = _Idle(database, conn, lease.config, now)
+                self._idle[id(conn)] = _Idle(database, conn, lease.resolved.config, now)
                 if self._idle_sweep is None:
                     self._idle_sweep = self._reaper.schedule(now + self.config.idle_timeout, "idle")
             else:
@@ -1115,7 +1128,7 @@ class DatabaseResourceHandler(ResourceHandler):
             for lease in leases:
                 lease.lock.acquire()
         committed: list[str] = []
-        errors: list[BaseException] = []
+        error: BaseException | None = None  # the first one; it is what the caller gets
         try:
             if not leases:
                 with self._lock:
@@ -1123,32 +1136,33 @@ class DatabaseResourceHandler(ResourceHandler):
             last = leases[-1] if leases else None
             for lease in leases:
                 ended = False
-                if commit and not errors:
+                if commit and error is None:
                     try:
                         self._end_lease(lease, commit=True, ended="released")
-                        committed.append(lease.resource)
+                        committed.append(lease.resolved.resource)
                         ended = True
                     except BaseException as exc:
-                        errors.append(exc)
+                        error = exc
                 if not ended:
                     try:
                         self._end_lease(lease, commit=False, ended="rolled back")
                     except BaseException as exc:
-                        errors.append(exc)
+                        if error is None:
+                            error = exc
                 outcome = None
                 if lease is last:
-                    outcome = "commits" if commit and not errors else "rollbacks"
+                    outcome = "commits" if commit and error is None else "rollbacks"
                 try:
                     self._checkin(lease, outcome=outcome)
                 except BaseException as exc:
-                    errors.append(exc)
+                    if error is None:
+                        error = exc
         finally:
             for lease in leases:
                 lease.lock.release()
-        if not errors:
+        if error is None:
             logger.debug("plan %r %s", plan.plan_id, "released" if commit else "rolled back")
             return
-        error = errors[0]
         if commit and committed and isinstance(error, ResourceError):
             raise PartialCommitError(
                 f"commit failed after {committed!r} were committed; the rest were rolled "
@@ -1178,11 +1192,14 @@ class DatabaseResourceHandler(ResourceHandler):
                 raise ResourceError(
                     f"nothing was committed: {reason}",
                     plan_id=lease.plan.plan_id,
-                    resource=lease.resource,
+                    resource=lease.resolved.resource,
                     operation="commit",
                 )
         try:
-            (engine.commit if commit else engine.rollback)(conn)
+            if commit:
+                engine.commit(conn)
+            else:
+                engine.rollback(conn)
         except BaseException as exc:
             if not commit:
                 self._checkin(lease, broken=True)
@@ -1232,8 +1249,8 @@ class DatabaseResourceHandler(ResourceHandler):
                 last = lease
         self._endings[plan.plan_id] = _Ending(
             how=how,
-            checkpoint_id=last.checkpoints[-1].label if last else None,
-            resource=(last or next(iter(plan.leases.values()))).resource,
+            checkpoint_id=next(reversed(last.checkpoints)) if last else None,
+            resource=(last or next(iter(plan.leases.values()))).resolved.resource,
             age=now - plan.last_used,
             ttl=plan.ttl,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import sqlite3
@@ -24,6 +25,10 @@ _BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 # when a statement is prepared: without the tag, a plan's "COMMIT" could reuse
 # the handler's cached, already-authorized one.
 _OWN = f"/* cleveragents {secrets.token_hex(8)} */ "
+_BEGIN_IMMEDIATE = _OWN + "BEGIN IMMEDIATE"
+_BEGIN_DEFERRED = _OWN + "BEGIN DEFERRED"
+_COMMIT = _OWN + "COMMIT"
+_ROLLBACK = _OWN + "ROLLBACK"
 # What a plan's SQL may not do: end or split the plan's transaction, or open
 # other database files (ATTACH would escape the allowed folders).
 _TRANSACTION = (
@@ -122,9 +127,10 @@ class PlanConnection(sqlite3.Connection):
         return sqlite3.SQLITE_DENY
 
     def _own(self, sql: str) -> None:
+        """Run one of the handler's own statements; *sql* starts with :data:`_OWN`."""
         self.handler_statement = True
         try:
-            sqlite3.Connection.execute(self, _OWN + sql).close()
+            sqlite3.Connection.execute(self, sql)
         finally:
             self.handler_statement = False
 
@@ -196,8 +202,8 @@ class SQLiteEngine(Engine):
             factory=PlanConnection,
         )
         try:
-            conn._own(f"PRAGMA synchronous = {settings.synchronous}")
-            conn._own(f"PRAGMA foreign_keys = {'ON' if settings.foreign_keys else 'OFF'}")
+            conn._own(f"{_OWN}PRAGMA synchronous = {settings.synchronous}")
+            conn._own(f"{_OWN}PRAGMA foreign_keys = {'ON' if settings.foreign_keys else 'OFF'}")
             if settings.location != MEMORY:
                 self._set_journal_mode(conn, settings)
         except BaseException:
@@ -215,7 +221,7 @@ class SQLiteEngine(Engine):
             deadline = time.monotonic() + settings.busy_timeout
             while True:
                 try:
-                    conn._own(f"PRAGMA journal_mode = {settings.journal_mode}")
+                    conn._own(f"{_OWN}PRAGMA journal_mode = {settings.journal_mode}")
                     break
                 except sqlite3.OperationalError as exc:
                     # Another program holds the lock: SQLite's busy handler does not
@@ -228,22 +234,22 @@ class SQLiteEngine(Engine):
             self._journal_ready.add(key)
 
     def begin(self, conn: PlanConnection, settings: SQLiteSettings, *, plan_id: str) -> None:
-        conn._own("BEGIN IMMEDIATE" if settings.lock == "immediate" else "BEGIN DEFERRED")
+        conn._own(_BEGIN_IMMEDIATE if settings.lock == "immediate" else _BEGIN_DEFERRED)
 
     def savepoint(self, conn: PlanConnection, name: str) -> None:
-        conn._own(f'SAVEPOINT "{name}"')
+        conn._own(f'{_OWN}SAVEPOINT "{name}"')
 
     def rollback_to(self, conn: PlanConnection, name: str) -> None:
-        conn._own(f'ROLLBACK TO "{name}"')
+        conn._own(f'{_OWN}ROLLBACK TO "{name}"')
 
     def commit(self, conn: PlanConnection) -> None:
-        conn._own("COMMIT")
+        conn._own(_COMMIT)
 
     def rollback(self, conn: PlanConnection) -> None:
         # A failed statement (e.g. an interrupt) can already have ended the
         # transaction; ROLLBACK would then fail with "no transaction is active".
         if conn.in_transaction:
-            conn._own("ROLLBACK")
+            conn._own(_ROLLBACK)
 
     def execute(
         self,
@@ -271,10 +277,9 @@ class SQLiteEngine(Engine):
         conn.close()
 
     def interrupt(self, conn: PlanConnection) -> None:
-        try:
+        # Closed meanwhile (its plan ended): nothing runs there to interrupt.
+        with contextlib.suppress(sqlite3.ProgrammingError):
             conn.interrupt()
-        except sqlite3.ProgrammingError:
-            pass  # closed meanwhile (its plan ended): nothing runs there to interrupt
 
     def classify(self, exc: BaseException) -> Outcome:
         code = getattr(exc, "sqlite_errorcode", None)
