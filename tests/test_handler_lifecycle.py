@@ -263,10 +263,11 @@ def test_idle_connections_are_closed_after_idle_timeout(
     handler.release_plan("again")
 
 
-def test_only_the_latest_endings_are_remembered(
+def test_only_the_latest_endings_are_remembered_once_old_enough(
     make_handler: MakeHandler, db_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(database_module, "_MAX_ENDINGS", 2)
+    monkeypatch.setattr(database_module, "_ENDINGS_KEPT_FOR", 0.0)
     handler = make_handler(max_connections=4)
     for index in range(3):
         path = tmp_path / f"db{index}.db"

@@ -937,3 +937,27 @@ def test_the_lent_session_refuses_to_end_the_plan_whichever_way_it_is_asked(
     assert _values(db) == []
     handler.rollback_plan("p")
     assert _values(db) == []
+
+
+def test_pooled_sessions_the_server_ended_are_replaced_not_failed(
+    make_handler: Callable[..., DatabaseResourceHandler], res: Resource, db: Any
+) -> None:
+    handler = make_handler(max_connections=4)
+    for number in range(3):  # three plans at once: three pooled sessions
+        handler.execute(res, f"warm {number}", "SELECT 1")
+    for number in range(3):
+        handler.release_plan(f"warm {number}")
+    assert handler.stats().idle_connections == 3
+    # A server restart or an idle timeout ends every idle session.
+    db.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE starts_with(application_name, %s)",
+        (RUNTIME_NAME,),
+    )
+    assert _wait_until(lambda: _backends(db) == 0)
+
+    for number in range(4):
+        handler.execute(res, f"new {number}", f"INSERT INTO t VALUES ('new {number}')")
+        handler.release_plan(f"new {number}")
+    assert _values(db) == [f"new {number}" for number in range(4)]
+    assert handler.stats().open_connections <= 4

@@ -4,6 +4,12 @@ It keeps a heap of deadlines and sleeps until the earliest one; with nothing
 scheduled it sleeps without a timeout, so an idle handler causes no wake-ups.
 The thread holds only a weak reference to its handler: a forgotten handler can
 still be collected, and its finalizer stops the thread.
+
+The heap has a lock of its own, re-entrant on purpose: a garbage collection can
+start on the reaper thread while it holds that lock, and collect a forgotten
+handler whose finalizer then stops this very reaper. With a plain lock that
+thread would wait for itself forever (and, inside the collector, stop garbage
+collection for the whole process).
 """
 
 from __future__ import annotations
@@ -25,14 +31,18 @@ _COMPACT_MIN = 64
 
 
 class Deadline:
-    """A scheduled call on the handler; cancel it when it no longer applies."""
+    """A scheduled call on the handler; cancel it when it no longer applies.
 
-    __slots__ = ("cancelled", "key", "when")
+    ``done`` is set once it is no longer pending: cancelled, or handed to the
+    handler.
+    """
+
+    __slots__ = ("done", "key", "when")
 
     def __init__(self, when: float, key: Any) -> None:
         self.when = when
         self.key = key
-        self.cancelled = False
+        self.done = False
 
 
 class _Target(Protocol):
@@ -42,20 +52,20 @@ class _Target(Protocol):
 class Reaper:
     """A deadline heap and the lazily started thread that serves it.
 
-    *lock* is the handler's bookkeeping lock: the heap is part of its
-    bookkeeping, so scheduling happens under the same lock as the rest.
+    The handler may schedule and cancel while holding its own lock; the
+    reaper never calls the handler with its lock held, so the two locks are
+    only ever taken in that order.
     """
 
     def __init__(
         self,
         handler: _Target,
-        lock: threading.Lock,
         *,
         name: str,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._handler_ref = weakref.ref(handler)
-        self._wakeup = threading.Condition(lock)
+        self._wakeup = threading.Condition(threading.RLock())
         self._heap: list[tuple[float, int, Deadline]] = []
         self._counter = itertools.count()
         self._cancelled = 0
@@ -73,29 +83,39 @@ class Reaper:
         return len(self._heap) - self._cancelled
 
     def schedule(self, when: float, key: Any) -> Deadline:
-        """Call the handler with *key* at *when*. Call with the handler's lock held."""
+        """Call the handler with *key* at *when*.
+
+        :raises RuntimeError: the thread could not be started; nothing is scheduled.
+        """
         deadline = Deadline(when, key)
-        if self._stopped:
-            deadline.cancelled = True
-            return deadline
-        heapq.heappush(self._heap, (when, next(self._counter), deadline))
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-            self._thread.start()
-        elif self._heap[0][2] is deadline:
-            self._wakeup.notify()
+        with self._wakeup:
+            if self._stopped:
+                deadline.done = True
+                return deadline
+            heapq.heappush(self._heap, (when, next(self._counter), deadline))
+            if self._thread is None:
+                thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                try:
+                    thread.start()
+                except BaseException:
+                    self.cancel(deadline)
+                    raise
+                self._thread = thread  # only a thread that runs is ever joined
+            elif self._heap[0][2] is deadline:
+                self._wakeup.notify()
         return deadline
 
     def cancel(self, deadline: Deadline) -> None:
-        """Forget *deadline*. Call with the handler's lock held."""
-        if deadline.cancelled:
-            return
-        deadline.cancelled = True
-        self._cancelled += 1
-        if self._cancelled > _COMPACT_MIN and self._cancelled * 2 > len(self._heap):
-            self._heap = [entry for entry in self._heap if not entry[2].cancelled]
-            heapq.heapify(self._heap)
-            self._cancelled = 0
+        """Forget *deadline*; a deadline already handed over is left alone."""
+        with self._wakeup:
+            if deadline.done:
+                return
+            deadline.done = True
+            self._cancelled += 1
+            if self._cancelled > _COMPACT_MIN and self._cancelled * 2 > len(self._heap):
+                self._heap = [entry for entry in self._heap if not entry[2].done]
+                heapq.heapify(self._heap)
+                self._cancelled = 0
 
     def stop(self, *, join: bool = True) -> None:
         """Stop the thread and wait for it (unless called from the thread itself)."""
@@ -113,19 +133,21 @@ class Reaper:
         with self._wakeup:
             while not self._stopped:
                 now = self._clock()
-                while self._heap and self._heap[0][2].cancelled:
+                while self._heap and self._heap[0][2].done:
                     heapq.heappop(self._heap)
                     self._cancelled -= 1
                 if self._heap and self._heap[0][0] <= now:
                     due = []
                     while self._heap and self._heap[0][0] <= now:
                         deadline = heapq.heappop(self._heap)[2]
-                        if deadline.cancelled:
+                        if deadline.done:
                             self._cancelled -= 1
                         else:
-                            deadline.cancelled = True
+                            deadline.done = True
                             due.append(deadline.key)
                     return due, now
+                if self._stopped:
+                    break  # stopped by a finalizer that ran on this thread just now
                 self._wakeup.wait(self._heap[0][0] - now if self._heap else None)
             return None
 

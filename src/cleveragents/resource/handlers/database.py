@@ -77,9 +77,13 @@ ENGINES: dict[str, type[Engine]] = {
     PostgreSQLEngine.name: PostgreSQLEngine,
 }
 
-# How many reaped/evicted plans are remembered so that their next call can
-# raise. Older ones are forgotten: a forgotten plan must not grow memory forever.
+# Reaped/evicted plans are remembered so that their next call raises instead of
+# silently starting a new transaction (which release_plan would then commit:
+# a partial commit). The latest _MAX_ENDINGS are always kept, older ones for at
+# least _ENDINGS_KEPT_FOR seconds: a plan forgotten for good must not grow
+# memory forever, and one that comes back within the hour still gets its error.
 _MAX_ENDINGS = 10_000
+_ENDINGS_KEPT_FOR = 3600.0
 _MAX_LABEL = 256
 _MAX_RESOLVED = 1024
 _handler_ids = itertools.count(1)
@@ -217,8 +221,18 @@ class _Turnstile:
             gate.acquire()
             entry = (gate, plan_id)
             self._queue.append(entry)
-        if gate.acquire(timeout=timeout):
-            return True
+        try:
+            if gate.acquire(timeout=timeout):
+                return True
+        except BaseException:
+            # Interrupted (KeyboardInterrupt) while waiting: leave the line, and
+            # pass on a turn handed over meanwhile, or nobody would ever get it.
+            with self._mutex:
+                if gate.acquire(blocking=False):
+                    self.release()
+                else:
+                    self._queue.remove(entry)
+            raise
         with self._mutex:
             if gate.acquire(blocking=False):
                 return True  # handed over just as we gave up
@@ -322,6 +336,7 @@ class _Ending:
     resource: str | None
     age: float
     ttl: float
+    at: float  # when it ended (monotonic)
 
 
 class _Lending:
@@ -360,8 +375,9 @@ class _Lending:
 
 
 _LIVE: weakref.WeakSet[DatabaseResourceHandler] = weakref.WeakSet()
-# Connections a forked child inherited. They are kept referenced and never
-# used: closing or rolling them back would act on the parent's database state.
+# What a forked child inherited: the containers holding the parent's
+# connections (never the handlers themselves). They are kept referenced and
+# never used: closing or rolling them back would act on the parent's state.
 _INHERITED: list[Any] = []
 
 
@@ -428,10 +444,14 @@ class DatabaseResourceHandler(ResourceHandler):
         self._idle: collections.OrderedDict[int, _Idle] = collections.OrderedDict()
         self._idle_sweep: Deadline | None = None
         self._slot_waiters = 0  # threads in _slot_freed.wait(): notify only when one waits
+        # Plans taken out of _plans and not yet finished (committed or rolled
+        # back): close() waits for them before it closes what they still use.
+        self._finishing = 0
+        self._settled = threading.Condition(self._lock)
         self._endings: collections.OrderedDict[str, _Ending] = collections.OrderedDict()
         self._open = 0
         self._counts: collections.Counter[str] = collections.Counter()
-        self._reaper = Reaper(self, self._lock, name=f"cleveragents-reaper[{self.name}]")
+        self._reaper = Reaper(self, name=f"cleveragents-reaper[{self.name}]")
         self._finalizer = weakref.finalize(
             self, _finalize, self.name, self._plans, self._idle, self._databases, self._reaper
         )
@@ -655,31 +675,44 @@ class DatabaseResourceHandler(ResourceHandler):
             )
 
     def close(self) -> None:
-        """Roll back open plans and close every connection. Calling it again does nothing."""
+        """Roll back open plans and close every connection. Calling it again does nothing.
+
+        Plans another thread is committing or rolling back right now are
+        waited for, so that nothing they use is closed under them.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             plans = list(self._plans.values())
             self._plans.clear()
-            idle = list(self._idle.values())
-            self._idle.clear()
-            self._open -= len(idle)
+            self._finishing += len(plans)
             self._slot_freed.notify_all()
-        self._reaper.stop()
-        for plan in plans:
-            try:
-                self._finish(plan, commit=False)
-            except ResourceError as exc:
-                logger.warning("closing %r: %s", self.name, exc)
-        for entry in idle:
-            self._close_connection(entry.database, entry.conn)
-        for database in list(self._databases.values()):
-            if database.memory_conn is not None:
-                self._close_connection(database, database.memory_conn)
-                database.memory_conn = None
-                with self._lock:
-                    self._open -= 1
+        try:
+            self._reaper.stop()
+        finally:
+            for plan in plans:
+                try:
+                    self._finish(plan, commit=False)
+                except Exception as exc:  # the other plans must still be rolled back
+                    logger.warning("closing %r: %s", self.name, exc)
+            with self._lock:
+                while self._finishing:
+                    self._settled.wait()
+                idle = list(self._idle.values())
+                self._idle.clear()
+                memory = [
+                    (database, database.memory_conn)
+                    for database in self._databases.values()
+                    if database.memory_conn is not None
+                ]
+                for database, _ in memory:
+                    database.memory_conn = None
+                self._open -= len(idle) + len(memory)
+            for entry in idle:
+                self._close_connection(entry.database, entry.conn)
+            for database, conn in memory:
+                self._close_connection(database, conn)
         self._finalizer.detach()
         _LIVE.discard(self)
         logger.debug("handler %r closed", self.name)
@@ -808,12 +841,13 @@ class DatabaseResourceHandler(ResourceHandler):
                     if not create:
                         return None
                     ttl = resolved.ttl
+                    # Armed first: should the reaper fail to start, nothing is made.
                     if plan is None:
-                        plan = self._plans[plan_id] = _Plan(plan_id, now, ttl)
                         self._arm_plan_sweep(now + ttl)
+                        plan = self._plans[plan_id] = _Plan(plan_id, now, ttl)
                     elif ttl < plan.ttl:
-                        plan.ttl = ttl
                         self._arm_plan_sweep(plan.last_used + ttl)
+                        plan.ttl = ttl
                     lease = _Lease(plan, resolved)
                     lease.lock.acquire()
                     lease.users = 1
@@ -834,10 +868,17 @@ class DatabaseResourceHandler(ResourceHandler):
             if lease.conn is None or (resolved.takes_turns and not lease.has_turn):
                 self._wait_for_lease(lease, operation, checkpoint_id)
             engine = database.engine
-            try:
-                engine.begin(lease.conn, resolved.settings, plan_id=plan_id)
-            except engine.driver_error as exc:
-                raise self._wrap(exc, lease, operation, checkpoint_id) from exc
+            for replacements_left in range(self.config.max_connections, -1, -1):
+                try:
+                    engine.begin(lease.conn, resolved.settings, plan_id=plan_id)
+                    break
+                except engine.driver_error as exc:
+                    lost = not resolved.memory and engine.classify(exc) == "lost"
+                    if not (lost and replacements_left):
+                        raise self._wrap(exc, lease, operation, checkpoint_id) from exc
+                # A pooled session the server ended while it sat idle (a restart,
+                # a timeout): drop it and take another, as a pool's pre-ping would.
+                self._replace_connection(lease)
         except BaseException:
             self._abandon(lease)
             raise
@@ -1040,6 +1081,17 @@ class DatabaseResourceHandler(ResourceHandler):
                 self._close_connection(to_close.database, to_close.conn)
             return self._open_connection(lease, settings)
 
+    def _replace_connection(self, lease: _Lease) -> None:
+        """Close the lease's broken connection and give the lease another one."""
+        conn, lease.conn = lease.conn, None
+        with self._lock:
+            self._open -= 1
+            if self._slot_waiters:
+                self._slot_freed.notify()
+        logger.info("handler %r dropped a connection the server had closed", self.name)
+        self._close_connection(lease.database, conn)
+        lease.conn = self._checkout(lease, lease.resolved.settings)
+
     def _open_connection(self, lease: _Lease, settings: Any) -> Any:
         """Open a connection in a slot already counted in ``_open``."""
         engine = lease.database.engine
@@ -1065,20 +1117,22 @@ class DatabaseResourceHandler(ResourceHandler):
         """
         database = lease.database
         conn, lease.conn = lease.conn, None
-        shared = conn is not None and conn is database.memory_conn
-        clean = conn is not None and not shared and not broken and database.engine.is_clean(conn)
+        memory = lease.resolved.memory
+        clean = conn is not None and not memory and not broken and database.engine.is_clean(conn)
         close = False
         with self._lock:
             if outcome is not None:
                 self._counts[outcome] += 1
-            if shared and broken:
-                database.memory_conn = None
-            if lease.has_turn:
-                lease.has_turn = False
-                database.turnstile.release()
-            if conn is None or (shared and not broken):
-                return
-            if clean and not self._closed:
+            if conn is None:
+                pass
+            elif memory:
+                # The shared connection stays, unless it broke: then whoever takes
+                # it out of memory_conn (here, or close()) uncounts and closes it.
+                if broken and database.memory_conn is conn:
+                    database.memory_conn = None
+                    self._open -= 1
+                    close = True
+            elif clean and not self._closed:
                 now = time.monotonic()
                 self._idle[id(conn)] = _Idle(database, conn, lease.resolved.config, now)
                 if self._idle_sweep is None:
@@ -1086,7 +1140,11 @@ class DatabaseResourceHandler(ResourceHandler):
             else:
                 self._open -= 1
                 close = True
-            if self._slot_waiters:
+            # The turn goes on only now that the memory connection is settled.
+            if lease.has_turn:
+                lease.has_turn = False
+                database.turnstile.release()
+            if (close or clean) and self._slot_waiters:
                 self._slot_freed.notify()
         if close:
             self._close_connection(database, conn)
@@ -1112,10 +1170,15 @@ class DatabaseResourceHandler(ResourceHandler):
                 raise HandlerClosedError(self.name)
             if self._endings:
                 self._raise_if_ended(plan_id, operation)
-            return self._plans.pop(plan_id, None)
+            plan = self._plans.pop(plan_id, None)
+            if plan is not None:
+                self._finishing += 1  # the caller finishes it
+            return plan
 
     def _finish(self, plan: _Plan, *, commit: bool, locked: bool = False) -> None:
         """Commit or roll back every lease of a plan already taken out of ``_plans``.
+
+        Whoever takes a plan out counts it in ``_finishing``; this uncounts it.
 
         Databases are committed in first-use order; after a failed commit the
         rest are rolled back. Each lease's connection and turn are given back
@@ -1123,6 +1186,15 @@ class DatabaseResourceHandler(ResourceHandler):
         last one is. With *locked*, the caller already holds every lease lock
         (eviction and reaping).
         """
+        try:
+            self._finish_leases(plan, commit=commit, locked=locked)
+        finally:
+            with self._lock:
+                self._finishing -= 1
+                if not self._finishing:
+                    self._settled.notify_all()
+
+    def _finish_leases(self, plan: _Plan, *, commit: bool, locked: bool) -> None:
         leases = list(plan.leases.values())
         if not locked:
             for lease in leases:
@@ -1253,9 +1325,15 @@ class DatabaseResourceHandler(ResourceHandler):
             resource=(last or next(iter(plan.leases.values()))).resolved.resource,
             age=now - plan.last_used,
             ttl=plan.ttl,
+            at=now,
         )
-        if len(self._endings) > _MAX_ENDINGS:
-            self._endings.popitem(last=False)
+        endings = self._endings
+        while (
+            len(endings) > _MAX_ENDINGS
+            and next(iter(endings.values())).at < now - _ENDINGS_KEPT_FOR
+        ):
+            endings.popitem(last=False)
+        self._finishing += 1  # the caller finishes it
         self._counts["reaped" if how == "expired" else "evicted"] += 1
 
     def _raise_if_ended(self, plan_id: str, operation: str) -> None:
@@ -1321,7 +1399,7 @@ class DatabaseResourceHandler(ResourceHandler):
             )
             try:
                 self._finish(plan, commit=False, locked=True)
-            except ResourceError as exc:
+            except Exception as exc:  # the other reaped plans must still be finished
                 logger.warning("rolling back reaped plan %r: %s", plan.plan_id, exc)
 
     def _arm_plan_sweep(self, when: float) -> None:
@@ -1332,7 +1410,7 @@ class DatabaseResourceHandler(ResourceHandler):
         before it (a first plan, or a shorter ``checkpoint_ttl``).
         """
         sweep = self._plan_sweep
-        if sweep is not None and not sweep.cancelled:
+        if sweep is not None and not sweep.done:
             if sweep.when <= when:
                 return
             self._reaper.cancel(sweep)
@@ -1346,7 +1424,7 @@ class DatabaseResourceHandler(ResourceHandler):
         again a whole TTL later, as it cannot expire sooner once it is left.
         """
         sweep = self._plan_sweep
-        if sweep is not None and sweep.cancelled:  # the reaper marks what it hands over
+        if sweep is not None and sweep.done:  # handed over: this is it running
             self._plan_sweep = None
         reaped: list[_Plan] = []
         earliest: float | None = None
@@ -1368,9 +1446,9 @@ class DatabaseResourceHandler(ResourceHandler):
 
     def _forget_after_fork(self) -> None:
         """In a forked child: set the parent's connections aside and start empty."""
-        detached = self._finalizer.detach()
+        detached = self._finalizer.detach()  # (handler, function, args, kwargs)
         if detached is not None:
-            _INHERITED.append(detached)
+            _INHERITED.append(detached[2])
         self._reset_state()
 
 
