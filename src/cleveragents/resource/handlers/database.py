@@ -280,13 +280,16 @@ class _Resolved:
 class _Plan:
     """A plan with open work on this handler."""
 
-    __slots__ = ("last_used", "leases", "plan_id", "ttl")
+    __slots__ = ("last_used", "leases", "plan_id", "settled", "ttl")
 
     def __init__(self, plan_id: str, now: float, ttl: float) -> None:
         self.plan_id = plan_id
         self.last_used = now
         self.ttl = ttl
         self.leases: dict[Hashable, _Lease] = {}
+        self.settled = (
+            False  # taken out of _plans and finished: see DatabaseResourceHandler._finish
+        )
 
 
 class _Lease:
@@ -1123,6 +1126,7 @@ class DatabaseResourceHandler(ResourceHandler):
         with self._lock:
             if outcome is not None:
                 self._counts[outcome] += 1
+                self._settle(lease.plan)
             if conn is None:
                 pass
             elif memory:
@@ -1189,10 +1193,16 @@ class DatabaseResourceHandler(ResourceHandler):
         try:
             self._finish_leases(plan, commit=commit, locked=locked)
         finally:
-            with self._lock:
-                self._finishing -= 1
-                if not self._finishing:
-                    self._settled.notify_all()
+            if not plan.settled:  # normally the last check-in did it, in its critical section
+                with self._lock:
+                    self._settle(plan)
+
+    def _settle(self, plan: _Plan) -> None:
+        """Uncount a finished plan from ``_finishing``; call with ``_lock`` held."""
+        plan.settled = True
+        self._finishing -= 1
+        if self._closed and not self._finishing:
+            self._settled.notify_all()
 
     def _finish_leases(self, plan: _Plan, *, commit: bool, locked: bool) -> None:
         leases = list(plan.leases.values())
@@ -1205,6 +1215,7 @@ class DatabaseResourceHandler(ResourceHandler):
             if not leases:
                 with self._lock:
                     self._counts["commits" if commit else "rollbacks"] += 1
+                    self._settle(plan)
             last = leases[-1] if leases else None
             for lease in leases:
                 ended = False
