@@ -10,6 +10,24 @@ from pydantic import BaseModel
 
 Outcome = Literal["busy", "lost", "other"]
 
+# Why a plan may not end its own transaction, and what the connection lent to
+# a plan says when asked to: the same words on every engine.
+OWNS_TRANSACTION = (
+    "cleveragents owns the plan's transaction: it takes checkpoints, commits and rolls back"
+)
+NOT_A_CONTEXT_MANAGER = (
+    "a plan's connection is not a context manager: 'with conn:' would commit or close it; "
+    "cleveragents ends the plan's transaction"
+)
+CANNOT_COMMIT = (
+    "a plan's connection cannot commit(): cleveragents commits the plan when it completes "
+    "(and rolls it back when it fails)"
+)
+CANNOT_ROLLBACK = (
+    "a plan's connection cannot rollback(): fail the step (raise) to roll back to its "
+    "checkpoint, or fail the plan to undo all of it"
+)
+
 
 class Engine(abc.ABC):
     """What the handler needs from a database engine: open, transact, classify errors.

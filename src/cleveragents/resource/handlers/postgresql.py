@@ -34,7 +34,14 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from cleveragents.durations import Duration
 from cleveragents.errors import ResourceError
-from cleveragents.resource.handlers.engine import Engine, Outcome
+from cleveragents.resource.handlers.engine import (
+    CANNOT_COMMIT,
+    CANNOT_ROLLBACK,
+    NOT_A_CONTEXT_MANAGER,
+    OWNS_TRANSACTION,
+    Engine,
+    Outcome,
+)
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -211,22 +218,13 @@ def _plan_connection_class(psycopg: ModuleType) -> type[Any]:
                 self.handler_statement = False
 
         def __enter__(self) -> Any:
-            raise ResourceError(
-                "a plan's connection is not a context manager: 'with conn:' would commit "
-                "or close it; cleveragents ends the plan's transaction"
-            )
+            raise ResourceError(NOT_A_CONTEXT_MANAGER)
 
         def commit(self) -> None:
-            raise ResourceError(
-                "a plan's connection cannot commit(): cleveragents commits the plan when "
-                "it completes (and rolls it back when it fails)"
-            )
+            raise ResourceError(CANNOT_COMMIT)
 
         def rollback(self) -> None:
-            raise ResourceError(
-                "a plan's connection cannot rollback(): fail the step (raise) to roll "
-                "back to its checkpoint, or fail the plan to undo all of it"
-            )
+            raise ResourceError(CANNOT_ROLLBACK)
 
     PlanCursor.__qualname__ = PlanCursor.__name__
     PlanConnection.__qualname__ = PlanConnection.__name__
@@ -271,19 +269,16 @@ _SQL_TOKENS = re.compile(
 )
 
 
-_TRANSACTION = (
-    "cleveragents owns the plan's transaction: it takes checkpoints, commits and rolls back"
-)
 _SETTINGS = "a session setting would outlive the plan on a pooled connection; use SET LOCAL"
 _REFUSED_FIRST_WORDS = {
-    "BEGIN": _TRANSACTION,
-    "START": _TRANSACTION,
-    "COMMIT": _TRANSACTION,
-    "END": _TRANSACTION,
-    "ROLLBACK": _TRANSACTION,
-    "ABORT": _TRANSACTION,
-    "SAVEPOINT": _TRANSACTION,
-    "RELEASE": _TRANSACTION,
+    "BEGIN": OWNS_TRANSACTION,
+    "START": OWNS_TRANSACTION,
+    "COMMIT": OWNS_TRANSACTION,
+    "END": OWNS_TRANSACTION,
+    "ROLLBACK": OWNS_TRANSACTION,
+    "ABORT": OWNS_TRANSACTION,
+    "SAVEPOINT": OWNS_TRANSACTION,
+    "RELEASE": OWNS_TRANSACTION,
     "RESET": _SETTINGS,
 }
 
@@ -315,7 +310,7 @@ def _refusal(sql: str) -> str | None:
     if first in _REFUSED_FIRST_WORDS:
         return f"{first}: {_REFUSED_FIRST_WORDS[first]}"
     if first == "PREPARE" and second == "TRANSACTION":
-        return f"PREPARE TRANSACTION: {_TRANSACTION}"
+        return f"PREPARE TRANSACTION: {OWNS_TRANSACTION}"
     if first == "SET" and second not in ("LOCAL", "TRANSACTION", "CONSTRAINTS"):
         return f"SET without LOCAL: {_SETTINGS}"
     return None

@@ -15,7 +15,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cleveragents.durations import Duration
 from cleveragents.errors import ResourceError
-from cleveragents.resource.handlers.engine import Engine, Outcome
+from cleveragents.resource.handlers.engine import (
+    CANNOT_COMMIT,
+    CANNOT_ROLLBACK,
+    NOT_A_CONTEXT_MANAGER,
+    OWNS_TRANSACTION,
+    Engine,
+    Outcome,
+)
 
 MEMORY = ":memory:"
 _BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
@@ -31,14 +38,11 @@ _COMMIT = _OWN + "COMMIT"
 _ROLLBACK = _OWN + "ROLLBACK"
 # What a plan's SQL may not do: end or split the plan's transaction, or open
 # other database files (ATTACH would escape the allowed folders).
-_TRANSACTION = (
-    "cleveragents owns the plan's transaction: it takes checkpoints, commits and rolls back"
-)
 _FILES = "a plan reaches databases only through its resources"
 _SETTINGS = "connection settings come from the resource and must not outlive the plan"
 _REFUSED = {
-    sqlite3.SQLITE_TRANSACTION: ("BEGIN, COMMIT, END or ROLLBACK", _TRANSACTION),
-    sqlite3.SQLITE_SAVEPOINT: ("SAVEPOINT, RELEASE or ROLLBACK TO", _TRANSACTION),
+    sqlite3.SQLITE_TRANSACTION: ("BEGIN, COMMIT, END or ROLLBACK", OWNS_TRANSACTION),
+    sqlite3.SQLITE_SAVEPOINT: ("SAVEPOINT, RELEASE or ROLLBACK TO", OWNS_TRANSACTION),
     sqlite3.SQLITE_ATTACH: ("ATTACH", _FILES),
     sqlite3.SQLITE_DETACH: ("DETACH", _FILES),
 }
@@ -135,22 +139,13 @@ class PlanConnection(sqlite3.Connection):
             self.handler_statement = False
 
     def __enter__(self) -> PlanConnection:
-        raise ResourceError(
-            "a plan's connection is not a context manager: 'with conn:' would commit it; "
-            "cleveragents ends the plan's transaction"
-        )
+        raise ResourceError(NOT_A_CONTEXT_MANAGER)
 
     def commit(self) -> None:
-        raise ResourceError(
-            "a plan's connection cannot commit(): cleveragents commits the plan when it "
-            "completes (and rolls it back when it fails)"
-        )
+        raise ResourceError(CANNOT_COMMIT)
 
     def rollback(self) -> None:
-        raise ResourceError(
-            "a plan's connection cannot rollback(): fail the step (raise) to roll back to "
-            "its checkpoint, or fail the plan to undo all of it"
-        )
+        raise ResourceError(CANNOT_ROLLBACK)
 
 
 def _refusal(conn: PlanConnection) -> ResourceError | None:
