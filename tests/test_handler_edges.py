@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import signal
 import threading
@@ -185,3 +186,31 @@ def test_a_forked_child_keeps_nothing_of_the_handlers_it_inherited(
         assert kept and all(handler not in entry for entry in kept)
     finally:
         del database_module._INHERITED[before:]
+
+
+def test_close_inside_a_connection_block_does_not_wait_for_itself(
+    make_handler: MakeHandler, db_path: Path, rows: Rows
+) -> None:
+    handler = make_handler()
+    resource = _database(db_path)
+    releasing: threading.Thread | None = None
+    with handler.connection(resource, "p1") as conn:
+        conn.execute("INSERT INTO t VALUES ('mine')")
+        # Another thread starts releasing the plan: it waits for this block.
+        releasing = threading.Thread(target=lambda: _quietly(handler.release_plan, "p1"))
+        releasing.start()
+        deadline = time.monotonic() + 10
+        while "p1" in handler._plans and time.monotonic() < deadline:
+            time.sleep(0.01)
+        started = time.monotonic()
+        handler.close()  # must not wait for a plan only this block holds up
+        assert time.monotonic() - started < 5
+    releasing.join(10)
+    assert not releasing.is_alive()
+    assert handler.stats().open_connections == 0
+
+
+def _quietly(call: Callable[..., Any], *args: Any) -> None:
+    # What the release gets after close() is not the point here.
+    with contextlib.suppress(Exception):
+        call(*args)

@@ -85,6 +85,8 @@ ENGINES: dict[str, type[Engine]] = {
 _MAX_ENDINGS = 10_000
 _ENDINGS_KEPT_FOR = 3600.0
 _MAX_LABEL = 256
+# close() waits at most this long for plans other threads are finishing.
+_CLOSE_WAIT = 30.0
 _MAX_RESOLVED = 1024
 _handler_ids = itertools.count(1)
 
@@ -449,7 +451,7 @@ class DatabaseResourceHandler(ResourceHandler):
         self._slot_waiters = 0  # threads in _slot_freed.wait(): notify only when one waits
         # Plans taken out of _plans and not yet finished (committed or rolled
         # back): close() waits for them before it closes what they still use.
-        self._finishing = 0
+        self._finishing: set[_Plan] = set()
         self._settled = threading.Condition(self._lock)
         self._endings: collections.OrderedDict[str, _Ending] = collections.OrderedDict()
         self._open = 0
@@ -689,7 +691,7 @@ class DatabaseResourceHandler(ResourceHandler):
             self._closed = True
             plans = list(self._plans.values())
             self._plans.clear()
-            self._finishing += len(plans)
+            self._finishing.update(plans)
             self._slot_freed.notify_all()
         try:
             self._reaper.stop()
@@ -700,8 +702,7 @@ class DatabaseResourceHandler(ResourceHandler):
                 except Exception as exc:  # the other plans must still be rolled back
                     logger.warning("closing %r: %s", self.name, exc)
             with self._lock:
-                while self._finishing:
-                    self._settled.wait()
+                self._wait_for_finishing_plans()
                 idle = list(self._idle.values())
                 self._idle.clear()
                 memory = [
@@ -1176,13 +1177,13 @@ class DatabaseResourceHandler(ResourceHandler):
                 self._raise_if_ended(plan_id, operation)
             plan = self._plans.pop(plan_id, None)
             if plan is not None:
-                self._finishing += 1  # the caller finishes it
+                self._finishing.add(plan)  # the caller finishes it
             return plan
 
     def _finish(self, plan: _Plan, *, commit: bool, locked: bool = False) -> None:
         """Commit or roll back every lease of a plan already taken out of ``_plans``.
 
-        Whoever takes a plan out counts it in ``_finishing``; this uncounts it.
+        Whoever takes a plan out adds it to ``_finishing``; this takes it off.
 
         Databases are committed in first-use order; after a failed commit the
         rest are rolled back. Each lease's connection and turn are given back
@@ -1198,11 +1199,36 @@ class DatabaseResourceHandler(ResourceHandler):
                     self._settle(plan)
 
     def _settle(self, plan: _Plan) -> None:
-        """Uncount a finished plan from ``_finishing``; call with ``_lock`` held."""
+        """Take a finished plan off ``_finishing``; call with ``_lock`` held."""
         plan.settled = True
-        self._finishing -= 1
-        if self._closed and not self._finishing:
+        self._finishing.discard(plan)
+        if self._closed:
             self._settled.notify_all()
+
+    def _wait_for_finishing_plans(self) -> None:
+        """Wait (in :meth:`close`) for plans other threads are committing or rolling back.
+
+        Call with ``_lock`` held. Plans whose lease this very thread holds
+        (close() called inside a ``connection()`` block) cannot finish before
+        it returns, so they are not waited for; nor is anything for longer
+        than ``_CLOSE_WAIT`` seconds.
+        """
+        deadline = time.monotonic() + _CLOSE_WAIT
+        while True:
+            others = [
+                plan.plan_id
+                for plan in self._finishing
+                if not any(_held_here(lease.lock) for lease in plan.leases.values())
+            ]
+            remaining = deadline - time.monotonic()
+            if not others:
+                return
+            if remaining <= 0:
+                logger.warning(
+                    "closing %r while plans %r are still being finished", self.name, others
+                )
+                return
+            self._settled.wait(remaining)
 
     def _finish_leases(self, plan: _Plan, *, commit: bool, locked: bool) -> None:
         leases = list(plan.leases.values())
@@ -1344,7 +1370,7 @@ class DatabaseResourceHandler(ResourceHandler):
             and next(iter(endings.values())).at < now - _ENDINGS_KEPT_FOR
         ):
             endings.popitem(last=False)
-        self._finishing += 1  # the caller finishes it
+        self._finishing.add(plan)  # the caller finishes it
         self._counts["reaped" if how == "expired" else "evicted"] += 1
 
     def _raise_if_ended(self, plan_id: str, operation: str) -> None:
@@ -1461,6 +1487,11 @@ class DatabaseResourceHandler(ResourceHandler):
         if detached is not None:
             _INHERITED.append(detached[2])
         self._reset_state()
+
+
+def _held_here(lock: Any) -> bool:
+    """Whether the calling thread holds *lock*, a ``_thread.RLock``."""
+    return bool(lock._is_owned())  # CPython's RLock has it; typeshed does not list it
 
 
 def _finalize(
