@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NoReturn
 
 from pydantic import BaseModel
+
+from cleveragents.errors import ResourceError
 
 Outcome = Literal["busy", "lost", "other"]
 
@@ -27,6 +29,35 @@ CANNOT_ROLLBACK = (
     "a plan's connection cannot rollback(): fail the step (raise) to roll back to its "
     "checkpoint, or fail the plan to undo all of it"
 )
+
+
+class PlanConnectionMixin:
+    """What the connection lent to a plan adds to the driver's, on every engine.
+
+    Listed before the driver's connection class: it refuses ``commit()``,
+    ``rollback()`` and ``with conn:`` (the handler owns the plan's
+    transaction), and :meth:`own` runs the handler's own statements with
+    ``handler_statement`` set, so the engine's check lets them through.
+    """
+
+    handler_statement = False  # True while the handler runs its own SQL
+
+    def own(self, sql: str) -> None:
+        """Run one of the handler's own statements (BEGIN, SAVEPOINT, COMMIT...)."""
+        self.handler_statement = True
+        try:
+            self.execute(sql)  # type: ignore[attr-defined]  # the driver's connection's
+        finally:
+            self.handler_statement = False
+
+    def __enter__(self) -> NoReturn:
+        raise ResourceError(NOT_A_CONTEXT_MANAGER)
+
+    def commit(self) -> NoReturn:
+        raise ResourceError(CANNOT_COMMIT)
+
+    def rollback(self) -> NoReturn:
+        raise ResourceError(CANNOT_ROLLBACK)
 
 
 class Engine(abc.ABC):

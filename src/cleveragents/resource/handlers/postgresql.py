@@ -35,12 +35,10 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from cleveragents.durations import Duration
 from cleveragents.errors import ResourceError
 from cleveragents.resource.handlers.engine import (
-    CANNOT_COMMIT,
-    CANNOT_ROLLBACK,
-    NOT_A_CONTEXT_MANAGER,
     OWNS_TRANSACTION,
     Engine,
     Outcome,
+    PlanConnectionMixin,
 )
 
 if TYPE_CHECKING:
@@ -200,31 +198,12 @@ def _plan_connection_class(psycopg: ModuleType) -> type[Any]:
             check(self, query)
             super().executemany(query, params_seq, **options)
 
-    class PlanConnection(psycopg.Connection):  # type: ignore[misc,name-defined]
+    class PlanConnection(PlanConnectionMixin, psycopg.Connection):  # type: ignore[misc,name-defined]
         """A plan's session: a ``psycopg.Connection`` whose transaction the handler owns."""
-
-        handler_statement = False  # True while the handler runs its own SQL
 
         @classmethod
         def connect(cls, *args: Any, **kwargs: Any) -> Any:
             return super().connect(*args, cursor_factory=PlanCursor, **kwargs)
-
-        def own(self, sql: str) -> None:
-            """Run one of the handler's own statements (BEGIN, SAVEPOINT, COMMIT...)."""
-            self.handler_statement = True
-            try:
-                psycopg.Connection.execute(self, sql)
-            finally:
-                self.handler_statement = False
-
-        def __enter__(self) -> Any:
-            raise ResourceError(NOT_A_CONTEXT_MANAGER)
-
-        def commit(self) -> None:
-            raise ResourceError(CANNOT_COMMIT)
-
-        def rollback(self) -> None:
-            raise ResourceError(CANNOT_ROLLBACK)
 
     PlanCursor.__qualname__ = PlanCursor.__name__
     PlanConnection.__qualname__ = PlanConnection.__name__

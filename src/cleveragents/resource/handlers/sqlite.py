@@ -16,12 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from cleveragents.durations import Duration
 from cleveragents.errors import ResourceError
 from cleveragents.resource.handlers.engine import (
-    CANNOT_COMMIT,
-    CANNOT_ROLLBACK,
-    NOT_A_CONTEXT_MANAGER,
     OWNS_TRANSACTION,
     Engine,
     Outcome,
+    PlanConnectionMixin,
 )
 
 MEMORY = ":memory:"
@@ -101,7 +99,7 @@ class SQLiteSettings(BaseModel):
     )
 
 
-class PlanConnection(sqlite3.Connection):
+class PlanConnection(PlanConnectionMixin, sqlite3.Connection):
     """A plan's connection: an ``sqlite3.Connection`` whose transaction the handler owns.
 
     An authorizer refuses, in any statement the plan runs, what would end the
@@ -112,7 +110,6 @@ class PlanConnection(sqlite3.Connection):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.handler_statement = False  # True while the handler runs its own SQL
         self.refused: tuple[str, str] | None = None  # what the authorizer last refused, why
         self.set_authorizer(self._authorize)
 
@@ -129,23 +126,6 @@ class PlanConnection(sqlite3.Connection):
             return sqlite3.SQLITE_OK
         self.refused = refused
         return sqlite3.SQLITE_DENY
-
-    def _own(self, sql: str) -> None:
-        """Run one of the handler's own statements; *sql* starts with :data:`_OWN`."""
-        self.handler_statement = True
-        try:
-            sqlite3.Connection.execute(self, sql)
-        finally:
-            self.handler_statement = False
-
-    def __enter__(self) -> PlanConnection:
-        raise ResourceError(NOT_A_CONTEXT_MANAGER)
-
-    def commit(self) -> None:
-        raise ResourceError(CANNOT_COMMIT)
-
-    def rollback(self) -> None:
-        raise ResourceError(CANNOT_ROLLBACK)
 
 
 def _refusal(conn: PlanConnection) -> ResourceError | None:
@@ -197,8 +177,8 @@ class SQLiteEngine(Engine):
             factory=PlanConnection,
         )
         try:
-            conn._own(f"{_OWN}PRAGMA synchronous = {settings.synchronous}")
-            conn._own(f"{_OWN}PRAGMA foreign_keys = {'ON' if settings.foreign_keys else 'OFF'}")
+            conn.own(f"{_OWN}PRAGMA synchronous = {settings.synchronous}")
+            conn.own(f"{_OWN}PRAGMA foreign_keys = {'ON' if settings.foreign_keys else 'OFF'}")
             if settings.location != MEMORY:
                 self._set_journal_mode(conn, settings)
         except BaseException:
@@ -216,7 +196,7 @@ class SQLiteEngine(Engine):
             deadline = time.monotonic() + settings.busy_timeout
             while True:
                 try:
-                    conn._own(f"{_OWN}PRAGMA journal_mode = {settings.journal_mode}")
+                    conn.own(f"{_OWN}PRAGMA journal_mode = {settings.journal_mode}")
                     break
                 except sqlite3.OperationalError as exc:
                     # Another program holds the lock: SQLite's busy handler does not
@@ -229,22 +209,22 @@ class SQLiteEngine(Engine):
             self._journal_ready.add(key)
 
     def begin(self, conn: PlanConnection, settings: SQLiteSettings, *, plan_id: str) -> None:
-        conn._own(_BEGIN_IMMEDIATE if settings.lock == "immediate" else _BEGIN_DEFERRED)
+        conn.own(_BEGIN_IMMEDIATE if settings.lock == "immediate" else _BEGIN_DEFERRED)
 
     def savepoint(self, conn: PlanConnection, name: str) -> None:
-        conn._own(f'{_OWN}SAVEPOINT "{name}"')
+        conn.own(f'{_OWN}SAVEPOINT "{name}"')
 
     def rollback_to(self, conn: PlanConnection, name: str) -> None:
-        conn._own(f'{_OWN}ROLLBACK TO "{name}"')
+        conn.own(f'{_OWN}ROLLBACK TO "{name}"')
 
     def commit(self, conn: PlanConnection) -> None:
-        conn._own(_COMMIT)
+        conn.own(_COMMIT)
 
     def rollback(self, conn: PlanConnection) -> None:
         # A failed statement (e.g. an interrupt) can already have ended the
         # transaction; ROLLBACK would then fail with "no transaction is active".
         if conn.in_transaction:
-            conn._own(_ROLLBACK)
+            conn.own(_ROLLBACK)
 
     def execute(
         self,
