@@ -907,15 +907,21 @@ class DatabaseResourceHandler(ResourceHandler):
                 lease.has_turn = True
                 lease.conn = conn
             return
+        conn = self._pop_idle(resolved)
+        if conn is not None:
+            lease.conn = conn
+            if resolved.takes_turns and database.turnstile.try_take(plan_id):
+                lease.has_turn = True
+
+    def _pop_idle(self, resolved: _Resolved) -> Any:
+        """Take the most recently used idle connection that fits *resolved*; hold ``_lock``."""
         idle = self._idle
         for key in reversed(idle):
             entry = idle[key]
-            if entry.database is database and entry.config == resolved.config:
+            if entry.database is resolved.database and entry.config == resolved.config:
                 del idle[key]
-                lease.conn = entry.conn
-                if resolved.takes_turns and database.turnstile.try_take(plan_id):
-                    lease.has_turn = True
-                return
+                return entry.conn
+        return None
 
     def _wait_for_lease(self, lease: _Lease, operation: str, checkpoint_id: str | None) -> None:
         """Give a new lease what :meth:`_take_at_hand` could not: a connection, then its turn."""
@@ -1028,7 +1034,6 @@ class DatabaseResourceHandler(ResourceHandler):
         Waits for a slot up to ``acquire_timeout``; with ``on_full="evict_lru"``
         rolls back the least recently used other plan instead of waiting.
         """
-        database = lease.database
         deadline = time.monotonic() + self.config.acquire_timeout
         waited = False
         while True:
@@ -1036,11 +1041,9 @@ class DatabaseResourceHandler(ResourceHandler):
             to_close: _Idle | None = None
             with self._lock:
                 self._check_open()
-                for key in reversed(self._idle):
-                    entry = self._idle[key]
-                    if entry.database is database and entry.config == lease.resolved.config:
-                        del self._idle[key]
-                        return entry.conn
+                conn = self._pop_idle(lease.resolved)
+                if conn is not None:
+                    return conn
                 if self._open < self.config.max_connections:
                     self._open += 1
                 elif self._idle:
