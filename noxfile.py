@@ -8,7 +8,12 @@ data in ``build/coverage/<runner>/``, combined by ``coverage_report``.
 
 from __future__ import annotations
 
+import atexit
+import functools
+import os
+import shlex
 import shutil
+import subprocess
 from pathlib import Path
 
 import nox
@@ -40,6 +45,8 @@ LINT_PATHS = (
 RUNNERS = ("tests", "bdd", "robot")
 # Every optional extra, so the code behind each is type-checked and tested.
 PACKAGE = ".[postgresql,agents,plot]"
+PG_VARIABLE = "CLEVERAGENTS_TEST_PG_DSN"
+PG_SERVER = ROOT / "scripts" / "pg-test-server"
 
 
 def _group(name: str) -> tuple[str, ...]:
@@ -63,6 +70,33 @@ def _fresh_dir(path: Path) -> Path:
     return path
 
 
+@functools.cache
+def _postgresql() -> tuple[dict[str, str], str]:
+    """Return what points the PostgreSQL tests at a server (starting one), and what was done.
+
+    A DSN already in ``CLEVERAGENTS_TEST_PG_DSN`` is used as it is. Otherwise
+    ``scripts/pg-test-server`` starts a throwaway server, once per nox run, and
+    it is stopped when nox exits. Without a server the PostgreSQL tests skip,
+    each saying how to get one (and coverage falls short of its minimum).
+    """
+    if os.environ.get(PG_VARIABLE):
+        return {}, f"PostgreSQL tests use the server in {PG_VARIABLE}"
+    BUILD.mkdir(parents=True, exist_ok=True)
+    server_env = {**os.environ, "PG_TEST_SERVER_STATE": str(BUILD / "pg-test-server.state")}
+    # From /, so that the server's own user can enter its working directory.
+    run = functools.partial(
+        subprocess.run, cwd="/", env=server_env, capture_output=True, text=True, check=False
+    )
+    started = run([str(PG_SERVER), "start"])
+    atexit.register(run, [str(PG_SERVER), "stop"])
+    for word in shlex.split(started.stdout):
+        name, _, value = word.partition("=")
+        if name == PG_VARIABLE and value:
+            return {PG_VARIABLE: value}, "started a throwaway PostgreSQL server for the tests"
+    reason = started.stderr.strip() or "pg-test-server printed no DSN"
+    return {}, f"no PostgreSQL server ({reason}): the PostgreSQL tests will be skipped"
+
+
 def _run_under_coverage(session: nox.Session, runner: str, *args: str) -> None:
     """Run ``coverage run -m ARGS`` with *runner*'s own data and report folders.
 
@@ -72,12 +106,14 @@ def _run_under_coverage(session: nox.Session, runner: str, *args: str) -> None:
     """
     data = _fresh_dir(COVERAGE / runner)
     reports = _fresh_dir(REPORTS / runner)
+    postgresql, note = _postgresql()
+    session.log(note)
     session.run(
         "coverage",
         "run",
         "-m",
         *args,
-        env={"COVERAGE_FILE": str(data / ".coverage")},
+        env={"COVERAGE_FILE": str(data / ".coverage"), **postgresql},
     )
     session.run(
         "python", str(ROOT / "scripts" / "junit_summary.py"), "--label", runner, str(reports)
