@@ -282,13 +282,15 @@ class _Resolved:
 class _Plan:
     """A plan with open work on this handler."""
 
-    __slots__ = ("last_used", "leases", "plan_id", "settled", "ttl")
+    __slots__ = ("last_used", "leases", "plan_id", "poisoned", "settled", "ttl")
 
     def __init__(self, plan_id: str, now: float, ttl: float) -> None:
         self.plan_id = plan_id
         self.last_used = now
         self.ttl = ttl
         self.leases: dict[Hashable, _Lease] = {}
+        #: Why the plan can no longer commit (its transaction ended under it), once known.
+        self.poisoned: str | None = None
         self.settled = (
             False  # taken out of _plans and finished: see DatabaseResourceHandler._finish
         )
@@ -373,7 +375,11 @@ class _Lending:
         tb: TracebackType | None,
     ) -> None:
         lease, self._lease = self._lease, None
-        if lease is not None:  # DatabaseResourceHandler._leave, inline
+        if lease is None:
+            return
+        try:
+            self._handler._after_plan_sql(lease, exc, "connection")
+        finally:  # DatabaseResourceHandler._leave, inline
             lease.plan.last_used = time.monotonic()
             lease.users -= 1
             lease.lock.release()
@@ -612,15 +618,14 @@ class DatabaseResourceHandler(ResourceHandler):
         A mapping of *params* binds ``:name`` placeholders on every engine.
         """
         lease, _ = self._enter(resource, plan_id, "execute")
-        engine: Engine = lease.database.engine
         try:
-            return engine.execute(lease.conn, sql, params)
-        except engine.driver_error as exc:
-            # The plan's own SQL errors stay the driver's; only a lock wait or a
-            # lost session is the handler's business.
-            if engine.classify(exc) == "other":
-                raise
-            raise self._wrap(exc, lease, "execute", None) from exc
+            rows: list[tuple[Any, ...]] = lease.database.engine.execute(lease.conn, sql, params)
+        except BaseException as exc:
+            self._after_plan_sql(lease, exc, "execute")
+            raise
+        else:
+            self._after_plan_sql(lease, None, "execute")
+            return rows
         finally:
             self._leave(lease)
 
@@ -823,9 +828,12 @@ class DatabaseResourceHandler(ResourceHandler):
             if lease is not None:
                 lease.lock.acquire()
                 if lease.ended is None and lease.conn is not None:
-                    plan.last_used = time.monotonic()
-                    lease.users += 1
-                    return (lease, False) if create else lease
+                    if plan.poisoned is None:
+                        plan.last_used = time.monotonic()
+                        lease.users += 1
+                        return (lease, False) if create else lease
+                    lease.lock.release()
+                    raise self._poisoned_error(plan, resource.name, operation)
                 lease.lock.release()
         while True:
             with self._lock:
@@ -863,8 +871,11 @@ class DatabaseResourceHandler(ResourceHandler):
                 plan.last_used = now
             lease.lock.acquire()
             if lease.ended is None and lease.conn is not None:
-                lease.users += 1
-                return (lease, False) if create else lease
+                if plan.poisoned is None:
+                    lease.users += 1
+                    return (lease, False) if create else lease
+                lease.lock.release()
+                raise self._poisoned_error(plan, resource.name, operation)
             lease.lock.release()
             # The plan ended (or its lease failed to open) while we waited: go
             # round again, which raises for a reaped/evicted plan.
@@ -887,6 +898,31 @@ class DatabaseResourceHandler(ResourceHandler):
             self._abandon(lease)
             raise
         return lease, True
+
+    def _after_plan_sql(self, lease: _Lease, exc: BaseException | None, operation: str) -> None:
+        """Check, after the plan's own SQL ran, that its transaction is still there.
+
+        If a statement ended it (SQLite's ``OR ROLLBACK``, a server that ended the
+        session), the plan is poisoned: nothing of it will ever be committed.
+        A lock wait or a lost session raised by the plan's SQL becomes the
+        handler's error, chained to the driver's.
+        """
+        engine = lease.database.engine
+        conn = lease.conn  # None if the block ended the plan itself (rollback_plan)
+        lost = engine.transaction_lost(conn) if conn is not None else None
+        if lost is not None and lease.plan.poisoned is None:
+            lease.plan.poisoned = lost
+            logger.warning("plan %r is poisoned: %s", lease.plan.plan_id, lost)
+        if isinstance(exc, engine.driver_error) and engine.classify(exc) != "other":
+            raise self._wrap(exc, lease, operation, None) from exc
+
+    def _poisoned_error(self, plan: _Plan, resource: str, operation: str) -> ResourceError:
+        return ResourceError(
+            f"the plan can no longer commit: {plan.poisoned}; it will be rolled back",
+            plan_id=plan.plan_id,
+            resource=resource,
+            operation=operation,
+        )
 
     def _leave(self, lease: _Lease) -> None:
         lease.plan.last_used = time.monotonic()
@@ -1241,6 +1277,8 @@ class DatabaseResourceHandler(ResourceHandler):
         committed: list[str] = []
         error: BaseException | None = None  # the first one; it is what the caller gets
         try:
+            if commit:
+                error = self._refuse_commit(plan, leases)
             if not leases:
                 with self._lock:
                     self._counts["commits" if commit else "rollbacks"] += 1
@@ -1286,6 +1324,21 @@ class DatabaseResourceHandler(ResourceHandler):
             ) from error
         raise error
 
+    def _refuse_commit(self, plan: _Plan, leases: list[_Lease]) -> ResourceError | None:
+        """Say why *plan* must commit nothing, asking every database before the first COMMIT."""
+        for lease in leases:
+            reason = plan.poisoned
+            if reason is None and lease.conn is not None:
+                reason = lease.database.engine.check_committable(lease.conn)
+            if reason is not None:
+                return ResourceError(
+                    f"nothing was committed: {reason}",
+                    plan_id=plan.plan_id,
+                    resource=lease.resolved.resource,
+                    operation="commit",
+                )
+        return None
+
     def _end_lease(self, lease: _Lease, *, commit: bool, ended: str) -> None:
         """Commit or roll back one lease's transaction (its lock held).
 
@@ -1298,15 +1351,6 @@ class DatabaseResourceHandler(ResourceHandler):
         if conn is None:
             return
         engine = lease.database.engine
-        if commit:
-            reason = engine.check_committable(conn)
-            if reason is not None:
-                raise ResourceError(
-                    f"nothing was committed: {reason}",
-                    plan_id=lease.plan.plan_id,
-                    resource=lease.resolved.resource,
-                    operation="commit",
-                )
         try:
             if commit:
                 engine.commit(conn)
