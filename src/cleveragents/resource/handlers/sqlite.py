@@ -1,15 +1,46 @@
-"""SQLite specifics: opening connections, pragmas, BEGIN and savepoints."""
+"""SQLite specifics: opening connections, pragmas, BEGIN and savepoints.
+
+A plan's SQL and the tools it calls work on a :class:`PlanConnection`, a
+pooled ``sqlite3.Connection`` lent for the plan's transaction. What keeps
+the plan inside that transaction, and the next plan free of this one:
+
+* an authorizer, consulted whenever SQLite prepares a statement, whatever the
+  route: it refuses what would end or split the transaction, open other files
+  or change a connection setting that would outlive the plan (pragmas are
+  allowed by name), and any statement at all once the transaction is gone;
+* the lent connection's own methods, and the :class:`PlanCursor` objects it
+  hands out, which refuse to run anything outside the plan's transaction:
+  sqlite3 caches prepared statements, and a cached one re-run after SQLite
+  ended the transaction (``INSERT OR ROLLBACK``, a trigger's
+  ``RAISE(ROLLBACK)``, an interrupted write) is not shown to the authorizer;
+* :meth:`SQLiteEngine.transaction_lost`, which tells the handler the
+  transaction is gone (so it poisons the plan) and makes every cached
+  statement go through the authorizer again;
+* :meth:`SQLiteEngine.is_clean` at check-in, which closes the plan's cursors
+  and blobs, puts back what a tool may change on the connection object, drops
+  TEMP objects, and has the connection closed and replaced when it cannot be
+  sure (a tool's SQL function, the authorizer taken off it).
+
+Python code that calls ``sqlite3.Connection``'s methods unbound on the lent
+object (``sqlite3.Cursor(conn).execute(...)``) gets past the method checks;
+such code could as well open the file itself, so only what the authorizer and
+check-in see is guaranteed against it.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import os
 import secrets
 import sqlite3
+import sys
 import threading
 import time
-from collections.abc import Hashable, Mapping, Sequence
-from typing import Any, ClassVar, Literal
+import weakref
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Literal, NoReturn, Self, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,8 +53,13 @@ from cleveragents.resource.handlers.engine import (
     PlanConnectionMixin,
 )
 
+logger = logging.getLogger(__name__)
+
 MEMORY = ":memory:"
 _BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+# BEGIN IMMEDIATE on a connection still reading an older snapshot (a statement
+# left open on it): it can never succeed there, so the connection is replaced.
+_BUSY_SNAPSHOT = 517
 
 # The handler's own statements carry this per-process tag. sqlite3 caches
 # prepared statements by their text, and SQLite consults the authorizer only
@@ -34,6 +70,16 @@ _BEGIN_IMMEDIATE = _OWN + "BEGIN IMMEDIATE"
 _BEGIN_DEFERRED = _OWN + "BEGIN DEFERRED"
 _COMMIT = _OWN + "COMMIT"
 _ROLLBACK = _OWN + "ROLLBACK"
+_TEMP_STORE = _OWN + "PRAGMA temp_store"
+_TEMP_OBJECTS = _OWN + "SELECT count(*) FROM temp.sqlite_master"
+
+# The driver's own methods, for the handler's statements and for plan SQL that
+# was checked already (the lent connection's overrides would check again).
+_execute = sqlite3.Connection.execute
+_cursor = sqlite3.Connection.cursor
+_cursor_execute = sqlite3.Cursor.execute
+_set_authorizer = sqlite3.Connection.set_authorizer
+
 # What a plan's SQL may not do: end or split the plan's transaction, or open
 # other database files (ATTACH would escape the allowed folders).
 _FILES = "a plan reaches databases only through its resources"
@@ -44,24 +90,72 @@ _REFUSED = {
     sqlite3.SQLITE_ATTACH: ("ATTACH", _FILES),
     sqlite3.SQLITE_DETACH: ("DETACH", _FILES),
 }
-# Setting these would outlive the plan on a pooled connection, or undo the
-# resource's settings; reading them is fine.
-_CONNECTION_PRAGMAS = frozenset(
+# The pragmas a plan may run with an argument: queries, and settings that end
+# with the plan's transaction or are stored in (and committed with) the
+# database. Every other one set on a pooled connection would reach the plans
+# after it (ignore_check_constraints, case_sensitive_like, query_only, ...).
+# Pragmas without an argument only read, or act inside the transaction.
+_PLAN_PRAGMAS = frozenset(
     {
-        "busy_timeout",
-        "cache_size",
-        "foreign_keys",
-        "journal_mode",
-        "locking_mode",
-        "mmap_size",
-        "query_only",
-        "recursive_triggers",
-        "synchronous",
-        "temp_store",
-        "trusted_schema",
-        "writable_schema",
+        # queries
+        "foreign_key_check",
+        "foreign_key_list",
+        "index_info",
+        "index_list",
+        "index_xinfo",
+        "integrity_check",
+        "quick_check",
+        "table_info",
+        "table_list",
+        "table_xinfo",
+        # reset at the end of every transaction
+        "defer_foreign_keys",
+        # stored in the database file, inside the transaction
+        "application_id",
+        "incremental_vacuum",
+        "user_version",
     }
 )
+# Actions on the TEMP schema that only read it; any other one may leave a TEMP
+# object behind, which would shadow main tables for the plans after this one.
+_READS = frozenset({sqlite3.SQLITE_READ, sqlite3.SQLITE_SELECT, sqlite3.SQLITE_FUNCTION})
+
+#: Why a plan's transaction on SQLite is gone, when SQLite itself ended it.
+LOST = (
+    "SQLite rolled back the plan's transaction (an OR ROLLBACK conflict clause, a "
+    "trigger's RAISE(ROLLBACK), an interrupted write or an I/O error ends it)"
+)
+_NOT_LENT = (
+    "this connection is not lent to a plan any more: a plan's connection works only "
+    "inside its plan; take it from connection() again"
+)
+_STALE_CURSOR = (
+    "this cursor belongs to a plan that has ended: take a new one from the plan's connection"
+)
+_GUARD_REMOVED = (
+    "the handler's authorizer was taken off the plan's connection "
+    "(sqlite3.Connection.set_authorizer called on it directly), so its statements went "
+    "unchecked"
+)
+_CLOSED = "the plan's connection was closed under it"
+_NO_SCRIPTS = (
+    "a plan's connection cannot executescript(): it would COMMIT the plan's transaction "
+    "first; run the statements one by one with execute()"
+)
+_NO_CLOSE = "a plan's connection cannot close(): cleveragents gives it back when the plan ends"
+_NO_DESERIALIZE = (
+    "a plan's connection cannot deserialize(): it would replace the database of a pooled connection"
+)
+_NO_BACKUP = (
+    "a plan's connection cannot backup(): SQLite cannot copy a database from a connection "
+    "inside a write transaction, and sqlite3 would wait for it forever"
+)
+_NO_EXTENSIONS = "a plan's connection cannot load extensions: they would outlive the plan"
+# The references to PlanConnection._guard while it is SQLite's authorizer: the
+# connection's attribute, sqlite3's callback context and getrefcount's argument.
+_GUARD_REFS = 3
+
+Authorizer = Callable[[int, str | None, str | None, str | None, str | None], int]
 
 
 class SQLiteSettings(BaseModel):
@@ -99,33 +193,330 @@ class SQLiteSettings(BaseModel):
     )
 
 
+class PlanCursor(sqlite3.Cursor):
+    """A cursor of a plan's connection: it runs statements only inside the plan that made it.
+
+    Kept past its plan, it refuses to run anything (so it cannot write outside
+    the plan, or into the next plan's transaction), and whatever it still had
+    to fetch is closed when the plan ends.
+    """
+
+    #: The lending of its connection it belongs to; set when the connection hands it out.
+    generation = -1
+
+    def execute(self, sql: str, parameters: Any = (), /) -> Self:
+        conn: PlanConnection = self.connection  # type: ignore[assignment]
+        if self.generation != conn.generation or not conn.in_transaction:
+            conn.check_lent(self.generation)
+        super().execute(sql, parameters)
+        if self.description is not None:  # rows to fetch: an open statement
+            conn.track(self)
+        return self
+
+    def executemany(self, sql: str, seq_of_parameters: Iterable[Any], /) -> Self:
+        conn: PlanConnection = self.connection  # type: ignore[assignment]
+        conn.check_lent(self.generation)
+        return super().executemany(sql, seq_of_parameters)
+
+    def executescript(self, sql_script: str, /) -> NoReturn:
+        raise ResourceError(_NO_SCRIPTS)
+
+
+@functools.lru_cache(maxsize=16)
+def _plan_cursor_class(factory: Any) -> type[PlanCursor]:
+    """Return a cursor class that is both *factory* and a :class:`PlanCursor`."""
+    if not (isinstance(factory, type) and issubclass(factory, sqlite3.Cursor)):
+        raise TypeError(
+            f"a plan's connection makes cursors of sqlite3.Cursor subclasses, not {factory!r}"
+        )
+    if issubclass(factory, PlanCursor):
+        return factory
+    return cast(type[PlanCursor], type(f"Plan{factory.__name__}", (PlanCursor, factory), {}))
+
+
 class PlanConnection(PlanConnectionMixin, sqlite3.Connection):
     """A plan's connection: an ``sqlite3.Connection`` whose transaction the handler owns.
 
     An authorizer refuses, in any statement the plan runs, what would end the
     plan's transaction (``COMMIT``, ``ROLLBACK``, ``RELEASE``...), attach other
-    files, or change connection settings that would outlive the plan;
-    ``commit()``, ``rollback()`` and ``with conn:`` are refused too.
+    files, or change connection settings that would outlive the plan; and,
+    once the transaction is gone, every statement. ``commit()``,
+    ``rollback()``, ``close()``, ``executescript()``, ``backup()``,
+    ``deserialize()`` and ``with conn:`` are refused; what a tool may set on
+    the connection (``row_factory``, its own authorizer, trace and progress
+    callbacks, limits, SQL functions) is put back, or the connection
+    replaced, when the plan gives it back.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.refused: tuple[str, str] | None = None  # what the authorizer last refused, why
-        self.set_authorizer(self._authorize)
+        #: Whether a plan holds the connection (from BEGIN until it is given back).
+        self.lent = False
+        #: Changes whenever the connection is lent or given back: a cursor of another
+        #: generation belongs to a plan that has ended.
+        self.generation = 0
+        #: Why the connection must not be lent again, once known.
+        self.unfit: str | None = None
+        #: Whether it is a ``:memory:`` database: never replaced, so never made unfit.
+        self.memory = False
+        self._unguarded = False  # the handler's authorizer was taken off it
+        self._lost = False  # the plan's transaction is gone (statements expired once)
+        self._handles: list[weakref.ref[Any]] = []  # open cursors and blobs of the plan
+        self._prune_at = 64
+        self._changed: set[str] = set()  # what a tool changed that check-in puts back
+        self._limits: dict[int, int] = {}  # limits a tool changed, with their old values
+        self._tool_authorizer: Authorizer | None = None
+        self._guard = self._authorize  # one object, so its reference count tells
+        _set_authorizer(self, self._guard)
+
+    # -- the guard ------------------------------------------------------------------
 
     def _authorize(
         self, action: int, arg1: str | None, arg2: str | None, db: str | None, trigger: str | None
     ) -> int:
         if self.handler_statement:
             return sqlite3.SQLITE_OK
+        if not self.in_transaction:
+            self.refused = ("any statement", LOST if self.lent else _NOT_LENT)
+            return sqlite3.SQLITE_DENY
         refused = _REFUSED.get(action)
-        setting = action == sqlite3.SQLITE_PRAGMA and arg2 is not None
-        if refused is None and setting and (arg1 or "").lower() in _CONNECTION_PRAGMAS:
-            refused = (f"PRAGMA {arg1} = ...", _SETTINGS)
         if refused is None:
-            return sqlite3.SQLITE_OK
-        self.refused = refused
-        return sqlite3.SQLITE_DENY
+            if action == sqlite3.SQLITE_PRAGMA:
+                if arg2 is not None and (arg1 or "").lower() not in _PLAN_PRAGMAS:
+                    refused = (f"PRAGMA {arg1} = ...", _SETTINGS)
+            elif db == "temp" and action not in _READS:
+                self._changed.add("temp")
+        if refused is not None:
+            self.refused = refused
+            return sqlite3.SQLITE_DENY
+        tool = self._tool_authorizer
+        return sqlite3.SQLITE_OK if tool is None else tool(action, arg1, arg2, db, trigger)
+
+    def _guard_intact(self) -> bool:
+        """Whether the handler's authorizer is still SQLite's (it cannot be read back)."""
+        return sys.getrefcount(self._guard) == _GUARD_REFS
+
+    def _expire_statements(self) -> None:
+        """Make SQLite prepare every cached statement again, through the authorizer."""
+        _set_authorizer(self, self._guard)
+
+    def trouble(self) -> str | None:
+        """Return why the plan's work here cannot go on or be committed, or ``None``.
+
+        :raises sqlite3.ProgrammingError: the connection was closed.
+        """
+        in_transaction = self.in_transaction
+        if self._unguarded or not self._guard_intact():
+            self._unguarded = True
+            return _GUARD_REMOVED
+        if in_transaction:
+            return None
+        if not self._lost:
+            self._lost = True
+            self._expire_statements()  # cached statements cannot run unchecked any more
+        return LOST
+
+    def check_lent(self, generation: int | None = None) -> None:
+        """Raise unless a plan holds the connection and is inside its transaction.
+
+        With *generation*, also unless the caller (a cursor) belongs to that plan.
+        """
+        if generation is not None and generation != self.generation:
+            raise ResourceError(_STALE_CURSOR)
+        if not self.in_transaction:
+            raise ResourceError(f"{LOST}; nothing more runs on it" if self.lent else _NOT_LENT)
+
+    def track(self, handle: Any) -> None:
+        """Remember an open cursor or blob of the plan, to close it when the plan ends."""
+        handles = self._handles
+        if len(handles) >= self._prune_at:
+            handles[:] = [ref for ref in handles if ref() is not None]
+            self._prune_at = max(64, 2 * len(handles))
+        handles.append(weakref.ref(handle))
+
+    # -- the handler's side -----------------------------------------------------------
+
+    def own(self, sql: str) -> None:
+        """Run one of the handler's own statements (BEGIN, SAVEPOINT, COMMIT...)."""
+        self.handler_statement = True
+        try:
+            _execute(self, sql)
+        finally:
+            self.handler_statement = False
+
+    def lend(self) -> None:
+        """Mark the connection as the plan's, once its transaction began."""
+        self.lent = True
+        self._lost = False
+        self.generation += 1
+
+    def end_plan(self) -> None:
+        """Stop lending: close the plan's open cursors and blobs, so nothing holds a snapshot."""
+        self.lent = False
+        self.generation += 1
+        if self._handles:
+            handles, self._handles = self._handles, []
+            for ref in handles:
+                handle = ref()
+                if handle is not None:
+                    handle.close()
+
+    def back_to_pool(self) -> bool:
+        """Undo what the plan left on the connection; return whether it may be lent again."""
+        if self.in_transaction:
+            return False
+        self.end_plan()
+        if self.row_factory is not None:
+            self.row_factory = None
+        if self.text_factory is not str:
+            self.text_factory = str
+        if self.isolation_level is not None:
+            self.isolation_level = None
+        if self._changed and not self._put_back():
+            return False
+        return self.unfit is None and not self._unguarded and self._guard_intact()
+
+    def _put_back(self) -> bool:
+        """Undo a tool's changes to the connection and drop TEMP objects (the rare path)."""
+        changed, self._changed = self._changed, set()
+        if self._tool_authorizer is not None or "authorizer" in changed:
+            # Statements prepared under the tool's rules (SQLITE_IGNORE reads NULL)
+            # must not be reused under the handler's alone.
+            self._tool_authorizer = None
+            self._expire_statements()
+        if "progress" in changed:
+            sqlite3.Connection.set_progress_handler(self, None, 0)
+        if "trace" in changed:
+            sqlite3.Connection.set_trace_callback(self, None)
+        for category, limit in self._limits.items():
+            sqlite3.Connection.setlimit(self, category, limit)
+        self._limits.clear()
+        if "temp" in changed:
+            return self._drop_temp()
+        return True
+
+    def _drop_temp(self) -> bool:
+        """Drop every TEMP table, view, index and trigger; return whether none is left.
+
+        SQLite deletes them all when ``temp_store`` changes, so it is changed
+        and set back.
+        """
+        self.handler_statement = True
+        try:
+            (store,) = _execute(self, _TEMP_STORE).fetchone()
+            _execute(self, f"{_TEMP_STORE} = {2 if store != 2 else 1}")
+            _execute(self, f"{_TEMP_STORE} = {store}")
+            (left,) = _execute(self, _TEMP_OBJECTS).fetchone()
+        finally:
+            self.handler_statement = False
+        self._expire_statements()  # a cached CREATE TEMP is noticed again next time
+        return bool(left == 0)
+
+    # -- what a tool may call -----------------------------------------------------------
+
+    def cursor(self, factory: Any = None) -> Any:
+        cls = PlanCursor if factory is None else _plan_cursor_class(factory)
+        cursor = _cursor(self, cls)  # the driver's: it also hands on row_factory
+        cursor.generation = self.generation
+        return cursor
+
+    def execute(self, sql: str, parameters: Any = (), /) -> PlanCursor:
+        # PlanCursor.execute, inline: this is how most tools run their SQL.
+        if not self.in_transaction:
+            self.check_lent()
+        cursor = _cursor(self, PlanCursor)
+        cursor.generation = self.generation
+        _cursor_execute(cursor, sql, parameters)
+        if cursor.description is not None:
+            self.track(cursor)
+        return cursor
+
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> PlanCursor:
+        cursor = _cursor(self, PlanCursor)
+        cursor.generation = self.generation
+        return cursor.executemany(sql, parameters)
+
+    def executescript(self, sql_script: str, /) -> NoReturn:
+        raise ResourceError(_NO_SCRIPTS)
+
+    def blobopen(
+        self, table: str, column: str, row: int, /, *, readonly: bool = False, name: str = "main"
+    ) -> sqlite3.Blob:
+        self.check_lent()
+        blob = super().blobopen(table, column, row, readonly=readonly, name=name)
+        self.track(blob)
+        return blob
+
+    def backup(self, target: sqlite3.Connection, **options: Any) -> NoReturn:
+        raise ResourceError(_NO_BACKUP)
+
+    def deserialize(self, data: Any, /, *, name: str = "main") -> NoReturn:
+        raise ResourceError(_NO_DESERIALIZE)
+
+    def close(self) -> NoReturn:
+        raise ResourceError(_NO_CLOSE)
+
+    def enable_load_extension(self, enable: bool, /) -> NoReturn:
+        raise ResourceError(_NO_EXTENSIONS)
+
+    def load_extension(self, name: str, /) -> NoReturn:
+        raise ResourceError(_NO_EXTENSIONS)
+
+    def set_authorizer(self, authorizer_callback: Authorizer | None) -> None:
+        """Add *authorizer_callback* to the handler's checks (``None`` removes it again)."""
+        self.check_lent()
+        self._tool_authorizer = authorizer_callback
+        self._changed.add("authorizer")
+        self._expire_statements()  # as SQLite does: what was prepared is checked again
+
+    def set_progress_handler(self, progress_handler: Any, n: int) -> None:
+        self.check_lent()
+        self._changed.add("progress")
+        super().set_progress_handler(progress_handler, n)
+
+    def set_trace_callback(self, trace_callback: Any) -> None:
+        self.check_lent()
+        self._changed.add("trace")
+        super().set_trace_callback(trace_callback)
+
+    def setlimit(self, category: int, limit: int, /) -> int:
+        self.check_lent()
+        old = super().setlimit(category, limit)
+        self._limits.setdefault(category, old)
+        return old
+
+    # SQL functions and collations cannot be taken off a connection again with
+    # certainty (create_function(name, n, None) leaves a function that fails),
+    # so a connection that got one is closed when its plan ends.
+
+    def create_function(
+        self, name: str, narg: int, func: Any, *, deterministic: bool = False
+    ) -> None:
+        self._will_be_replaced(f"create_function({name!r})")
+        super().create_function(name, narg, func, deterministic=deterministic)
+
+    def create_aggregate(self, name: str, n_arg: int, aggregate_class: Any) -> None:
+        self._will_be_replaced(f"create_aggregate({name!r})")
+        super().create_aggregate(name, n_arg, aggregate_class)
+
+    def create_window_function(self, name: str, num_params: int, aggregate_class: Any, /) -> None:
+        self._will_be_replaced(f"create_window_function({name!r})")
+        super().create_window_function(name, num_params, aggregate_class)
+
+    def create_collation(self, name: str, callback: Any, /) -> None:
+        self._will_be_replaced(f"create_collation({name!r})")
+        super().create_collation(name, callback)
+
+    def _will_be_replaced(self, why: str) -> None:
+        self.check_lent()
+        if self.memory:
+            raise ResourceError(
+                f"a plan's connection to a ':memory:' database cannot take {why}: the database "
+                "lives in that one connection, shared by every plan, so it could not be undone"
+            )
+        if self.unfit is None:
+            self.unfit = f"a tool called {why} on it"
 
 
 def _refusal(conn: PlanConnection) -> ResourceError | None:
@@ -176,13 +567,14 @@ class SQLiteEngine(Engine):
             check_same_thread=False,
             factory=PlanConnection,
         )
+        conn.memory = settings.location == MEMORY
         try:
             conn.own(f"{_OWN}PRAGMA synchronous = {settings.synchronous}")
             conn.own(f"{_OWN}PRAGMA foreign_keys = {'ON' if settings.foreign_keys else 'OFF'}")
             if settings.location != MEMORY:
                 self._set_journal_mode(conn, settings)
         except BaseException:
-            conn.close()
+            sqlite3.Connection.close(conn)
             raise
         return conn
 
@@ -209,22 +601,57 @@ class SQLiteEngine(Engine):
             self._journal_ready.add(key)
 
     def begin(self, conn: PlanConnection, settings: SQLiteSettings, *, plan_id: str) -> None:
-        conn.own(_BEGIN_IMMEDIATE if settings.lock == "immediate" else _BEGIN_DEFERRED)
+        try:
+            conn.own(_BEGIN_IMMEDIATE if settings.lock == "immediate" else _BEGIN_DEFERRED)
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorcode", None) == _BUSY_SNAPSHOT:
+                conn.unfit = "a statement left open on it holds an old snapshot"
+            raise
+        conn.lend()
 
     def savepoint(self, conn: PlanConnection, name: str) -> None:
+        # In autocommit mode SAVEPOINT would begin a new transaction, which the
+        # handler would then take for the plan's and commit.
+        self._check_transaction(conn)
         conn.own(f'{_OWN}SAVEPOINT "{name}"')
 
     def rollback_to(self, conn: PlanConnection, name: str) -> None:
+        self._check_transaction(conn)
         conn.own(f'{_OWN}ROLLBACK TO "{name}"')
 
+    @staticmethod
+    def _check_transaction(conn: PlanConnection) -> None:
+        if not conn.in_transaction:
+            # A driver error, so the handler names the plan, checkpoint and database.
+            raise sqlite3.OperationalError(LOST)
+
     def commit(self, conn: PlanConnection) -> None:
+        conn.end_plan()  # a statement still open would make COMMIT fail as busy
         conn.own(_COMMIT)
+        if conn.memory:
+            self._reset_memory(conn)
 
     def rollback(self, conn: PlanConnection) -> None:
+        conn.end_plan()
         # A failed statement (e.g. an interrupt) can already have ended the
         # transaction; ROLLBACK would then fail with "no transaction is active".
         if conn.in_transaction:
             conn.own(_ROLLBACK)
+        if conn.memory:
+            self._reset_memory(conn)
+
+    @staticmethod
+    def _reset_memory(conn: PlanConnection) -> None:
+        """Put back what a plan left on a ``:memory:`` connection, which the handler keeps.
+
+        The handler never checks such a connection in (its database would go
+        with it), so the reset :meth:`is_clean` does happens here.
+        """
+        if not conn.back_to_pool():
+            logger.warning("a plan left something behind on a ':memory:' database it shares")
+        if conn._unguarded or not conn._guard_intact():
+            conn._unguarded = False
+            conn._expire_statements()  # the guard back, for the plans after this one
 
     def execute(
         self,
@@ -232,9 +659,12 @@ class SQLiteEngine(Engine):
         sql: str,
         params: Mapping[str, Any] | Sequence[Any] | None,
     ) -> list[tuple[Any, ...]]:
+        trouble = conn.trouble()
+        if trouble is not None:
+            raise ResourceError(f"{trouble}; nothing more runs on it")
         conn.refused = None
         try:
-            cursor = conn.execute(sql, params if params is not None else ())
+            cursor = _execute(conn, sql, params if params is not None else ())
         except sqlite3.DatabaseError:
             refusal = _refusal(conn)
             if refusal is not None:
@@ -245,16 +675,23 @@ class SQLiteEngine(Engine):
         finally:
             cursor.close()
 
-    def is_clean(self, conn: PlanConnection) -> bool:
-        return not conn.in_transaction
-
     def transaction_lost(self, conn: PlanConnection) -> str | None:
-        if conn.in_transaction:
-            return None
-        return "a statement of the plan ended its transaction (e.g. OR ROLLBACK, RAISE(ROLLBACK))"
+        try:
+            return conn.trouble()
+        except sqlite3.ProgrammingError:  # closed by sqlite3.Connection.close(conn)
+            return _CLOSED
+
+    def check_committable(self, conn: PlanConnection) -> str | None:
+        return self.transaction_lost(conn)
+
+    def is_clean(self, conn: PlanConnection) -> bool:
+        try:
+            return conn.back_to_pool()
+        except sqlite3.Error:  # closed, or a reset failed: it cannot be trusted
+            return False
 
     def close(self, conn: PlanConnection) -> None:
-        conn.close()
+        sqlite3.Connection.close(conn)
 
     def interrupt(self, conn: PlanConnection) -> None:
         # Closed meanwhile (its plan ended): nothing runs there to interrupt.
@@ -270,4 +707,4 @@ class SQLiteEngine(Engine):
         return "other"
 
 
-__all__ = ["MEMORY", "PlanConnection", "SQLiteEngine", "SQLiteSettings"]
+__all__ = ["LOST", "MEMORY", "PlanConnection", "PlanCursor", "SQLiteEngine", "SQLiteSettings"]
