@@ -6,9 +6,12 @@ through a separate connection (sqlite3 or psycopg), never the handler.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
+import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
@@ -22,11 +25,13 @@ from langchain_core.outputs import ChatGeneration, ChatResult
 from langgraph.graph import START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.prebuilt import ToolNode, tools_condition
+from langgraph.types import Command, interrupt
 
 from cleveragents.integrations.langgraph import (
     PlanCheckpointer,
     PlanGraph,
     plan_connection,
+    plan_node,
     plan_tool,
 )
 from cleveragents.resource import Resource
@@ -142,6 +147,42 @@ def agent_graph(
     builder.add_edge(START, "agent")
     builder.add_conditional_edges("agent", tools_condition)
     builder.add_edge("tools", "agent")
+    return PlanGraph(builder.compile(checkpointer=saver))
+
+
+class OrderState(TypedDict, total=False):
+    decision: str
+
+
+def approval_graph(saver: PlanCheckpointer, runs: list[str] | None = None) -> PlanGraph:
+    """Return a graph that restocks plums, then sells a pear after a human approves.
+
+    Both nodes are plan nodes; ``sell_pear`` writes, then waits at ``interrupt()``.
+    """
+    seen = runs if runs is not None else []
+
+    @plan_node
+    def restock_plums(state: OrderState) -> dict[str, Any]:
+        seen.append("restock_plums")
+        with plan_connection("shop") as conn:
+            conn.execute("UPDATE items SET qty = qty + 10 WHERE sku = 'plum'")
+        return {}
+
+    @plan_node
+    def sell_pear(state: OrderState) -> dict[str, Any]:
+        seen.append("sell_pear")
+        with plan_connection("shop") as conn:
+            conn.execute("UPDATE items SET qty = qty - 1 WHERE sku = 'pear'")
+        decision = interrupt("sell one pear?")
+        if decision != "yes":
+            raise ValueError(f"not approved: {decision!r}")
+        return {"decision": decision}
+
+    builder = StateGraph(OrderState)
+    builder.add_node("restock_plums", restock_plums)
+    builder.add_node("sell_pear", sell_pear)
+    builder.add_edge(START, "restock_plums")
+    builder.add_edge("restock_plums", "sell_pear")
     return PlanGraph(builder.compile(checkpointer=saver))
 
 
@@ -282,3 +323,43 @@ def make_handler(**options: Any) -> DatabaseResourceHandler:
     options.setdefault("max_connections", 8)
     options.setdefault("acquire_timeout", 5.0)
     return DatabaseResourceHandler(**options)
+
+
+# -- a second process ---------------------------------------------------------------------------
+
+
+def child_command(command: str, resource: Resource) -> list[str]:
+    """Return the argv that runs *command* on *resource* in a new process (see main())."""
+    options = json.dumps(dict(resource.options))
+    return [sys.executable, __file__, command, resource.name, options]
+
+
+def main(argv: list[str]) -> None:
+    """Run one step of a scenario in this (new) process, with a new handler."""
+    command, name, options = argv
+    resource = Resource(name, "database", **json.loads(options))
+    with make_handler() as handler:
+        saver = PlanCheckpointer(handler, resource)
+        if command == "approval-start":
+            result = approval_graph(saver).invoke({}, thread())
+            print(json.dumps({"interrupted": "__interrupt__" in result}), flush=True)
+        elif command == "approval-resume":
+            app = approval_graph(saver)
+            result = app.invoke(Command(resume="yes"), thread())
+            assert app.last_run is not None
+            print(json.dumps({"result": result, "outcome": app.last_run.outcome}), flush=True)
+        elif command == "hang-after-restock":
+
+            def hang() -> None:
+                if model.position == 1:  # the tool has written; the model thinks forever
+                    print("ready", flush=True)
+                    time.sleep(600)
+
+            model = ScriptedChatModel(replies=[calls(("restock", {"sku": "plum", "n": 10}))])
+            agent_graph(model, [restock], saver, before_model=hang).invoke(ask(), thread())
+        else:
+            raise SystemExit(f"unknown command {command!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -19,10 +19,10 @@ from langgraph._internal._constants import CONFIG_KEY_TASK_ID
 from cleveragents.errors import ToolError
 from cleveragents.integrations.langgraph._invocation import (
     _CURRENT_CALL,
-    _CURRENT_RUN,
     _Call,
     _Invocation,
     _Turn,
+    find_run,
     uninterrupted,
 )
 
@@ -175,7 +175,8 @@ def _check_function(decorator: str, func: Any) -> None:
 
 def _begin(kind: Kind, name: str) -> tuple[_Invocation, _Call, _Turn]:
     """Find the invocation this call belongs to, the call it runs inside, and its turn."""
-    run = _CURRENT_RUN.get()
+    config = var_child_runnable_config.get() or {}
+    run = find_run(config, ToolError)
     if run is None:
         raise ToolError(
             f"plan {kind} {name!r} ran outside a PlanGraph invocation; compile the graph "
@@ -185,7 +186,6 @@ def _begin(kind: Kind, name: str) -> tuple[_Invocation, _Call, _Turn]:
     parent = _CURRENT_CALL.get()
     if parent is not None and (parent.run is not run or not parent.active):
         parent = None  # a straggler of a call that has returned: it is on its own
-    config = var_child_runnable_config.get() or {}
     task_id = (config.get("configurable") or {}).get(CONFIG_KEY_TASK_ID)
     call = _Call(
         run,

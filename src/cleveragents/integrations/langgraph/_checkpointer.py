@@ -45,7 +45,7 @@ from langgraph.checkpoint.serde.types import INTERRUPT
 from pydantic import ValidationError
 
 from cleveragents.errors import ResourceError
-from cleveragents.integrations.langgraph._invocation import _CURRENT_RUN, Execute
+from cleveragents.integrations.langgraph._invocation import Execute, find_run
 from cleveragents.resource.base import Resource
 from cleveragents.resource.handlers.database import ENGINES, DatabaseResourceHandler
 
@@ -320,11 +320,13 @@ class PlanCheckpointer(BaseCheckpointSaver[str]):
         """
         self._store.ensure_setup()
 
-    def _use(self, operation: Callable[[Execute], T], *, write: bool) -> T:
-        """Run *operation* on the running invocation's plan, or as a short plan of its own."""
+    def _use(
+        self, operation: Callable[[Execute], T], config: RunnableConfig | None, *, write: bool
+    ) -> T:
+        """Run *operation* on the invocation's plan (found by *config* or context), or alone."""
         store = self._store
         store.ensure_setup()
-        run = _CURRENT_RUN.get()
+        run = find_run(config, RuntimeError)
         if run is not None and run.store.same_database(store):
             return run.on_plan(operation, write=write)
         return store.short_plan(operation, write=write)
@@ -333,7 +335,7 @@ class PlanCheckpointer(BaseCheckpointSaver[str]):
 
     def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         """Return the checkpoint *config* names (or the thread's latest), or ``None``."""
-        return self._use(functools.partial(self._get_tuple, config), write=False)
+        return self._use(functools.partial(self._get_tuple, config), config, write=False)
 
     def _get_tuple(self, config: RunnableConfig, execute: Execute) -> CheckpointTuple | None:
         configurable = config["configurable"]
@@ -404,7 +406,7 @@ class PlanCheckpointer(BaseCheckpointSaver[str]):
         """
         listing = _listing(config, filter, before, limit)
         while True:
-            page, done = self._use(functools.partial(self._page, listing), write=False)
+            page, done = self._use(functools.partial(self._page, listing), config, write=False)
             yield from page
             if done:
                 return
@@ -465,7 +467,7 @@ class PlanCheckpointer(BaseCheckpointSaver[str]):
                 execute(_INSERT_BLOBS.format(rows=_values(6, len(chunk))), _flat(chunk))
             execute(_UPSERT_CHECKPOINT, row)
 
-        self._use(write, write=True)
+        self._use(write, config, write=True)
         return {
             "configurable": {
                 "thread_id": thread_id,
@@ -508,9 +510,9 @@ class PlanCheckpointer(BaseCheckpointSaver[str]):
             for chunk in _chunks(rows):
                 execute(_INSERT_WRITES.format(rows=_values(9, len(chunk))) + conflict, _flat(chunk))
 
-        self._use(write, write=True)
+        self._use(write, config, write=True)
         if any(channel == INTERRUPT for channel, _ in writes):
-            run = _CURRENT_RUN.get()
+            run = find_run(config, RuntimeError)
             if run is not None and run.store.same_database(self._store):
                 run.note_interrupt(task_id)
 
@@ -521,7 +523,7 @@ class PlanCheckpointer(BaseCheckpointSaver[str]):
             for table in TABLES:
                 execute(f"DELETE FROM {table} WHERE thread_id = ?", (str(thread_id),))
 
-        self._use(write, write=True)
+        self._use(write, None, write=True)
 
     def get_next_version(self, current: str | None, channel: None) -> str:
         """Return the version after *current*: increasing, and unique to this write.
@@ -555,7 +557,7 @@ class PlanCheckpointer(BaseCheckpointSaver[str]):
         listing = _listing(config, filter, before, limit)
         while True:
             page, done = await asyncio.to_thread(
-                self._use, functools.partial(self._page, listing), write=False
+                self._use, functools.partial(self._page, listing), config, write=False
             )
             for item in page:
                 yield item

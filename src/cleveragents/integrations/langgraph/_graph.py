@@ -77,28 +77,35 @@ class PlanGraph:
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         """Run the graph as one plan: ``graph.invoke`` with the same arguments."""
-        return self._call(self._graph.invoke, config, input, config, **kwargs)
+        run = self._begin(config)
+        return self._call(run, self._graph.invoke, input, run.config_for(config), **kwargs)
 
     def update_state(self, config: RunnableConfig, values: Any, *args: Any, **kwargs: Any) -> Any:
         """Update the thread's state as one plan: ``graph.update_state`` with the same arguments."""
-        return self._call(self._graph.update_state, config, config, values, *args, **kwargs)
+        run = self._begin(config)
+        return self._call(
+            run, self._graph.update_state, run.config_for(config), values, *args, **kwargs
+        )
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         """Awaitable :meth:`invoke`."""
-        return await self._acall(self._graph.ainvoke, config, input, config, **kwargs)
+        run = await self._abegin(config)
+        return await self._acall(run, self._graph.ainvoke, input, run.config_for(config), **kwargs)
 
     async def aupdate_state(
         self, config: RunnableConfig, values: Any, *args: Any, **kwargs: Any
     ) -> Any:
         """Awaitable :meth:`update_state`."""
-        return await self._acall(self._graph.aupdate_state, config, config, values, *args, **kwargs)
+        run = await self._abegin(config)
+        method = self._graph.aupdate_state
+        return await self._acall(run, method, run.config_for(config), values, *args, **kwargs)
 
     def stream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> Iterator[Any]:
         """Stream the graph as one plan: released when exhausted, rolled back when closed early."""
         run = self._begin(config)
-        steps = self._graph.stream(input, config, **kwargs)
+        steps = self._graph.stream(input, run.config_for(config), **kwargs)
         error: BaseException | None = None
         exhausted = False
         try:
@@ -131,7 +138,7 @@ class PlanGraph:
     ) -> AsyncIterator[Any]:
         """Async :meth:`stream`."""
         run = await self._abegin(config)
-        steps = self._graph.astream(input, config, **kwargs)
+        steps = self._graph.astream(input, run.config_for(config), **kwargs)
         error: BaseException | None = None
         exhausted = False
         try:
@@ -161,8 +168,7 @@ class PlanGraph:
 
     # -- internals -------------------------------------------------------------------
 
-    def _call(self, method: Any, config: RunnableConfig | None, *args: Any, **kwargs: Any) -> Any:
-        run = self._begin(config)
+    def _call(self, run: _Invocation, method: Any, *args: Any, **kwargs: Any) -> Any:
         error: BaseException | None = None
         token = _CURRENT_RUN.set(run)
         try:
@@ -178,10 +184,7 @@ class PlanGraph:
         self._end(run, None)
         return result
 
-    async def _acall(
-        self, method: Any, config: RunnableConfig | None, *args: Any, **kwargs: Any
-    ) -> Any:
-        run = await self._abegin(config)
+    async def _acall(self, run: _Invocation, method: Any, *args: Any, **kwargs: Any) -> Any:
         error: BaseException | None = None
         token = _CURRENT_RUN.set(run)
         try:

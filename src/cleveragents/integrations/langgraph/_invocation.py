@@ -30,6 +30,7 @@ import dataclasses
 import itertools
 import logging
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -51,6 +52,14 @@ Execute = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]
 
 INTERRUPTED = "interrupted: its task runs again when the graph is resumed"
 
+#: The configurable key naming the invocation a config belongs to. LangGraph
+#: carries it into every checkpointer call, subgraphs included, even from
+#: threads whose context it did not copy (a task's done-callback, for one);
+#: keys starting with "__" never reach checkpoint metadata.
+CONFIG_KEY = "__cleveragents_invocation"
+#: Invocations by plan id while anything may still refer to them.
+_RUNS: weakref.WeakValueDictionary[str, _Invocation] = weakref.WeakValueDictionary()
+
 #: The invocation the current thread or task works for (copied into LangGraph's threads).
 _CURRENT_RUN: contextvars.ContextVar[_Invocation | None] = contextvars.ContextVar(
     "cleveragents_langgraph_invocation", default=None
@@ -59,6 +68,24 @@ _CURRENT_RUN: contextvars.ContextVar[_Invocation | None] = contextvars.ContextVa
 _CURRENT_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar(
     "cleveragents_langgraph_call", default=None
 )
+
+
+def find_run(config: Any, refusal: type[Exception]) -> _Invocation | None:
+    """Return the invocation *config* (or else the current context) belongs to, if any.
+
+    :raises refusal: *config* names an invocation that has ended.
+    """
+    configurable = config.get("configurable") if isinstance(config, dict) else None
+    plan_id = configurable.get(CONFIG_KEY) if isinstance(configurable, dict) else None
+    if plan_id is None:
+        return _CURRENT_RUN.get()
+    run = _RUNS.get(plan_id)
+    if run is None:
+        raise refusal(
+            f"PlanGraph invocation {plan_id!r} has ended; its config cannot be used "
+            "to reach its plan any more"
+        )
+    return run
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -211,6 +238,13 @@ class _Invocation:
         self._ledger: list[_Entry] = []
         self._dropped_tasks: set[str] = set()
         self._interrupted_tasks: set[str] = set()
+        _RUNS[plan_id] = self
+
+    def config_for(self, config: Any) -> dict[str, Any]:
+        """Return a copy of *config* that names this invocation (see ``CONFIG_KEY``)."""
+        given = dict(config or {})
+        given["configurable"] = {**(given.get("configurable") or {}), CONFIG_KEY: self.plan_id}
+        return given
 
     def __repr__(self) -> str:
         return f"<PlanGraph invocation {self.plan_id!r} ({self._state})>"
