@@ -330,13 +330,17 @@ def test_exit_waits_for_a_tool_thread_after_cancellation(
         finally:
             finished.set()
 
-    model = ScriptedChatModel(replies=[calls(("long_restock", {"sku": "plum"})), answer()])
-    app = agent_graph(model, [long_restock], saver)
+    model = ScriptedChatModel(
+        replies=[calls(("long_restock", {"sku": "plum"}), ("restock", {"sku": "pear", "n": 1}))]
+    )
+    app = agent_graph(model, [long_restock, restock], saver)
 
     async def scenario() -> None:
         running = asyncio.ensure_future(app.ainvoke(ask(), thread()))
         await asyncio.to_thread(inside.wait, EVENTUALLY)
         running.cancel()
+        await asyncio.sleep(0.05)
+        running.cancel()  # cancelling again does not stop the wait
         threading.Timer(0.2, proceed.set).start()
         with pytest.raises(asyncio.CancelledError):
             await running
@@ -423,6 +427,9 @@ def test_nothing_reaches_the_plan_after_the_invocation_ended(
         kept["context"] = contextvars.copy_context()  # what a thread it started would see
         return "kept"
 
+    def straggle() -> None:
+        restock.invoke({"sku": "plum", "n": 1})
+
     model = ScriptedChatModel(replies=[calls(("keep", {"sku": "pear"})), answer()])
     app = agent_graph(model, [keep], saver)
     app.invoke(ask(), thread())
@@ -433,6 +440,9 @@ def test_nothing_reaches_the_plan_after_the_invocation_ended(
 
     with pytest.raises(ToolError, match="has returned; its connection cannot be used"):
         kept["context"].run(borrow)
+    with pytest.raises(ToolError, match="plan tool 'restock' came after PlanGraph invocation"):
+        kept["context"].run(straggle)
+    assert shop.stock() == START_STOCK
     # The invocation's config still names it: the checkpointer refuses rather than
     # write outside the (finished) plan.
     config = {"configurable": {**kept["config"]["configurable"], "checkpoint_id": "x"}}
@@ -549,3 +559,211 @@ def test_a_database_locked_by_another_program_makes_the_invocation_raise(
     assert app.last_run is not None and app.last_run.outcome == "rolled_back"
     app.invoke(ask(), thread())
     assert shop.checkpoints() > 0
+
+
+# -- a plan that expires or fails to commit -------------------------------------------------------
+
+
+@pytest.mark.parametrize("then", ["raise", "interrupt", "swallow the error"])
+def test_a_tool_that_outlives_its_plan_makes_the_invocation_raise(shop: Shop, then: str) -> None:
+    with make_handler() as handler:
+        saver = PlanCheckpointer(handler, shop.resource_with(checkpoint_ttl=0.3))
+
+        @plan_tool
+        def slow_restock(sku: str) -> str:
+            """Restock, then think longer than the plan's checkpoint_ttl."""
+            with plan_connection("shop") as conn:
+                conn.execute("UPDATE items SET qty = qty + 10 WHERE sku = ?", (sku,))
+            wait_for(lambda: handler.stats()["reaped"] >= 1, "the reaper")
+            if then == "raise":
+                raise ValueError("changed my mind")  # its rollback finds the plan gone
+            if then == "interrupt":
+                interrupt("still there?")
+            try:
+                with plan_connection("shop"):
+                    pass
+            except CheckpointExpiredError:
+                return "never mind"  # hiding the handler's error does not hide it
+            raise AssertionError("the plan was reaped")
+
+        model = ScriptedChatModel(replies=[calls(("slow_restock", {"sku": "plum"})), answer()])
+        app = agent_graph(model, [slow_restock], saver, handle_tool_errors=True)
+        with pytest.raises(CheckpointExpiredError):
+            app.invoke(ask(), thread())
+        assert shop.stock() == START_STOCK and shop.checkpoints() == 0
+        assert app.last_run is not None and app.last_run.outcome == "rolled_back"
+        assert handler.stats()["active_plans"] == 0
+
+
+def test_a_plan_tool_called_after_the_plan_expired_makes_the_invocation_raise(shop: Shop) -> None:
+    with make_handler() as handler:
+        saver = PlanCheckpointer(handler, shop.resource_with(checkpoint_ttl=0.3))
+
+        def late(state: Fan) -> Fan:
+            wait_for(lambda: handler.stats()["reaped"] >= 1, "the reaper")
+            restock.invoke({"sku": "plum", "n": 10})  # its checkpoint finds the plan gone
+            return {}
+
+        app = fan_out(saver, late=late)
+        with pytest.raises(CheckpointExpiredError):
+            app.invoke({}, thread())
+        assert shop.stock() == START_STOCK and shop.checkpoints() == 0
+
+
+def test_closing_the_handler_mid_invocation_commits_nothing(shop: Shop) -> None:
+    handler = make_handler()
+    saver = PlanCheckpointer(handler, shop.resource)
+
+    def close_it(messages: Any) -> Any:
+        handler.close()  # say, the process shuts down
+        return answer()
+
+    model = ScriptedChatModel(replies=[calls(("restock", {"sku": "plum", "n": 10})), close_it])
+    app = agent_graph(model, [restock], saver)
+    from cleveragents.errors import HandlerClosedError
+
+    with pytest.raises(HandlerClosedError):
+        app.invoke(ask(), thread())
+    assert shop.stock() == START_STOCK and shop.checkpoints() == 0
+    assert app.last_run is not None and app.last_run.outcome == "rolled_back"
+
+
+@pytest.mark.parametrize("how", ["invoke", "ainvoke"])
+def test_a_commit_that_fails_makes_the_invocation_raise(
+    shop: Shop, saver: PlanCheckpointer, how: str
+) -> None:
+    shop.query(
+        "CREATE TABLE orders (sku TEXT REFERENCES items (sku) DEFERRABLE INITIALLY DEFERRED)"
+    )
+
+    @plan_tool
+    def order(sku: str) -> str:
+        """Order an item (checked only when the plan commits)."""
+        with plan_connection("shop") as conn:
+            conn.execute("INSERT INTO orders VALUES (?)", (sku,))
+        return "ordered"
+
+    model = ScriptedChatModel(
+        replies=[calls(("restock", {"sku": "plum", "n": 10}), ("order", {"sku": "kiwi"})), answer()]
+    )
+    app = agent_graph(model, [restock, order], saver)
+    from cleveragents.errors import ResourceError
+
+    with pytest.raises(ResourceError, match="FOREIGN KEY constraint failed"):
+        if how == "invoke":
+            app.invoke(ask(), thread())
+        else:
+            asyncio.run(app.ainvoke(ask(), thread()))
+    assert shop.stock() == START_STOCK and shop.checkpoints() == 0
+    assert shop.query("SELECT count(*) FROM orders") == [(0,)]
+    run = app.last_run
+    assert run is not None and run.outcome == "rolled_back"
+    assert (run.rollback_reason or "").startswith("releasing it failed: ")
+
+
+# -- more interrupts -------------------------------------------------------------------------------
+
+
+def test_a_plain_interrupt_commits_and_resumes(shop: Shop, saver: PlanCheckpointer) -> None:
+    def human(state: Fan) -> Fan:
+        return {"log": [str(interrupt("name?"))]}
+
+    app = fan_out(saver, human=human)
+    assert "__interrupt__" in app.invoke({}, thread())
+    assert (
+        app.last_run is not None and app.last_run.interrupted and app.last_run.outcome == "released"
+    )
+    assert app.invoke(Command(resume="ada"), thread()) == {"log": ["ada"]}
+
+
+def test_an_interrupt_in_a_tool_inside_a_plan_node_undoes_the_node(
+    shop: Shop, saver: PlanCheckpointer
+) -> None:
+    @plan_tool
+    def ship(sku: str) -> str:
+        """Ship after approval."""
+        with plan_connection("shop") as conn:
+            conn.execute("UPDATE items SET qty = qty - 1 WHERE sku = ?", (sku,))
+        return str(interrupt("ship?"))
+
+    @plan_node
+    def clerk(state: Fan) -> Fan:
+        restock.invoke({"sku": "plum", "n": 10})
+        return {"log": [ship.invoke({"sku": "pear"})]}
+
+    app = fan_out(saver, clerk=clerk)
+    app.invoke({}, thread())
+    assert shop.stock() == START_STOCK
+    assert [r.tool for r in app.last_run.tool_rollbacks] == ["ship", "clerk"]  # type: ignore[union-attr]
+    assert app.invoke(Command(resume="yes"), thread()) == {"log": ["yes"]}
+    assert shop.stock() == {"pear": 2, "plum": 10}
+
+
+def test_a_plain_tool_interrupt_after_another_task_s_call_raises_at_the_end(
+    shop: Shop, saver: PlanCheckpointer
+) -> None:
+    x_restocked, y_sold = threading.Event(), threading.Event()
+
+    @tool
+    def approve(question: str) -> str:
+        """Ask a human (a plain tool)."""
+        return str(interrupt(question))
+
+    def x(state: Fan) -> Fan:
+        restock.invoke({"sku": "plum", "n": 10})
+        x_restocked.set()
+        assert y_sold.wait(EVENTUALLY)
+        approve.invoke({"question": "ok?"})
+        return {"log": ["x"]}
+
+    def y(state: Fan) -> Fan:
+        assert x_restocked.wait(EVENTUALLY)
+        sell.invoke({"sku": "pear", "n": 1})
+        y_sold.set()
+        return {"log": ["y"]}
+
+    app = fan_out(saver, x=x, y=y)
+    with pytest.raises(ToolError, match=r"interrupt\(\) in a task cannot be undone alone"):
+        app.invoke({}, thread())
+    assert shop.stock() == START_STOCK and shop.checkpoints() == 0
+    assert (app.last_run.rollback_reason or "").startswith("ToolError: interrupt()")  # type: ignore[union-attr]
+
+
+def test_calls_waiting_for_their_turn_when_the_plan_is_lost_do_not_run(shop: Shop) -> None:
+    with make_handler() as handler:
+        saver = PlanCheckpointer(handler, shop.resource_with(checkpoint_ttl=0.3))
+        a_inside = threading.Event()
+        errors: list[BaseException] = []
+
+        @plan_tool
+        def slow(sku: str) -> str:
+            """Hold the turn until the plan is reaped, then use it."""
+            a_inside.set()
+            wait_for(lambda: handler.stats()["reaped"] >= 1, "the reaper")
+            with plan_connection("shop"):
+                return "never"
+
+        def call(tool: BaseTool) -> None:
+            try:
+                tool.invoke({"sku": "plum", "n": 1} if tool is restock else {"sku": "plum"})
+            except BaseException as exc:
+                errors.append(exc)
+
+        @plan_node
+        def clerk(state: Fan) -> Fan:
+            first = threading.Thread(target=contextvars.copy_context().run, args=(call, slow))
+            first.start()
+            assert a_inside.wait(EVENTUALLY)
+            # restock waits for slow's turn; by then the plan is gone: it never runs.
+            second = threading.Thread(target=contextvars.copy_context().run, args=(call, restock))
+            second.start()
+            first.join(EVENTUALLY)
+            second.join(EVENTUALLY)
+            return {}
+
+        app = fan_out(saver, clerk=clerk)
+        with pytest.raises(CheckpointExpiredError):
+            app.invoke({}, thread())
+        assert [type(error) for error in errors] == [CheckpointExpiredError] * 2
+        assert errors[0] is errors[1]  # the first handler error is what everyone gets
+        assert shop.stock() == START_STOCK and shop.checkpoints() == 0

@@ -66,6 +66,10 @@ def put_checkpoint(saver: PlanCheckpointer, thread_id: str, step: int, **values:
     return saver.put(config, checkpoint, {"source": "loop", "step": step}, versions)
 
 
+async def _collect(items: AsyncIterator[Any]) -> list[Any]:
+    return [item async for item in items]
+
+
 # -- LangGraph's conformance suite ------------------------------------------------------------
 
 
@@ -95,6 +99,49 @@ def test_setup_creates_the_three_tables_once(shop: Shop, handler: DatabaseResour
         assert shop.query(f"SELECT count(*) FROM {table}") == [(0,)]
     # A new checkpointer on the same database finds them (and creates nothing).
     PlanCheckpointer(handler, shop.resource).setup()
+    assert handler.stats()["active_plans"] == 0
+
+
+def test_setup_tolerates_another_process_creating_the_tables_first(
+    shop: Shop, handler: DatabaseResourceHandler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cleveragents.integrations.langgraph import _checkpointer
+
+    # The other process looks, finds nothing, and creates the tables; ours
+    # looked at the same moment, so its CREATE fails (PostgreSQL raises a
+    # unique violation on pg_type when two sessions create one table).
+    PlanCheckpointer(handler, shop.resource).setup()
+    real_exist = _checkpointer._Store._tables_exist
+    looks: list[str] = []
+
+    def looked_too_early(store: Any, execute: Any) -> bool:
+        looks.append("look")
+        return len(looks) > 1 and bool(real_exist(store, execute))
+
+    def collide(store: Any, execute: Any) -> None:
+        looks.append("create")
+        raise RuntimeError("duplicate key value violates unique constraint")
+
+    monkeypatch.setattr(_checkpointer._Store, "_tables_exist", looked_too_early)
+    monkeypatch.setattr(_checkpointer._Store, "_create_tables", collide)
+    saver = PlanCheckpointer(handler, shop.resource)
+    saver.setup()  # no error: the tables are there
+    assert looks == ["look", "create", "look"]
+    assert saver.get_tuple(thread("t1")) is None
+
+
+def test_setup_that_fails_raises(
+    shop: Shop, handler: DatabaseResourceHandler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cleveragents.integrations.langgraph import _checkpointer
+
+    def fail(store: Any, execute: Any) -> None:
+        raise PermissionError("read-only database")
+
+    monkeypatch.setattr(_checkpointer._Store, "_create_tables", fail)
+    saver = PlanCheckpointer(handler, shop.resource)
+    with pytest.raises(PermissionError, match="read-only database"):
+        saver.get_tuple(thread("t1"))
     assert handler.stats()["active_plans"] == 0
 
 
@@ -173,6 +220,10 @@ def test_list_pages_filters_and_limits(shop: Shop, handler: DatabaseResourceHand
     assert even == [200]
     assert list(saver.list(thread("t1"), filter={"step": 200, "source": "input"})) == []
     assert list(saver.list(thread("t1"), filter={"no such key": None})) == []
+    # A config without a thread lists every thread; an async listing pages the same way.
+    assert len(list(saver.list({"configurable": {}}, limit=150))) == 150
+    listed_async = asyncio.run(_collect(saver.alist(thread("t1"), limit=150)))
+    assert [item.checkpoint["id"] for item in listed_async] == newest_first[:150]
     wanted = {"configurable": {"thread_id": "t1", "checkpoint_ns": "", "checkpoint_id": ids[5]}}
     assert [item.checkpoint["id"] for item in saver.list(wanted)] == [ids[5]]
     with pytest.raises(ValueError, match="limit must not be negative"):

@@ -271,6 +271,23 @@ def test_an_async_stream_closed_early_rolls_back(shop: Shop, saver: PlanCheckpoi
     assert shop.stock() == {"pear": 3, "plum": 10}
 
 
+def test_a_graph_error_in_an_async_stream_rolls_back(shop: Shop, saver: PlanCheckpointer) -> None:
+    def broken(messages: Any) -> Any:
+        raise RuntimeError("the model is down")
+
+    model = ScriptedChatModel(replies=[calls(("restock", {"sku": "plum", "n": 10})), broken])
+    app = agent_graph(model, [restock], saver)
+
+    async def scenario() -> None:
+        async for _ in app.astream(ask(), thread()):
+            pass
+
+    with pytest.raises(RuntimeError, match="the model is down"):
+        asyncio.run(scenario())
+    assert shop.stock() == START_STOCK and shop.checkpoints() == 0
+    assert app.last_run is not None and app.last_run.outcome == "rolled_back"
+
+
 def test_a_graph_error_in_a_stream_rolls_back(shop: Shop, saver: PlanCheckpointer) -> None:
     model = ScriptedChatModel(replies=[calls(("restock", {"sku": "plum", "n": 10}))] * 3)
     app = agent_graph(model, [restock], saver)

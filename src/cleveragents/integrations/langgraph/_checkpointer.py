@@ -202,16 +202,18 @@ class _Store:
         if self._ready:
             return
         with self._ready_lock:
-            if self._ready:
-                return
+            self._ready = self._ready or self._make_tables()
+
+    def _make_tables(self) -> bool:
+        if self.short_plan(self._tables_exist, write=False):
+            return True
+        try:
+            self.short_plan(self._create_tables, write=True)
+        except Exception:
+            # Another process may have created them at the same moment.
             if not self.short_plan(self._tables_exist, write=False):
-                try:
-                    self.short_plan(self._create_tables, write=True)
-                except Exception:
-                    # Another process may have created them at the same moment.
-                    if not self.short_plan(self._tables_exist, write=False):
-                        raise
-            self._ready = True
+                raise
+        return True
 
     def _tables_exist(self, execute: Execute) -> bool:
         ((count,),) = execute(_EXISTING[self.engine], TABLES)

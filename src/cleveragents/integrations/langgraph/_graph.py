@@ -225,22 +225,26 @@ class PlanGraph:
     def _end(
         self, run: _Invocation, error: BaseException | None, closed_early: bool = False
     ) -> None:
-        finished, failure = run.end(error, closed_early=closed_early)
-        with self._last_run_lock:
-            self._last_run = finished
+        failure = self._finish(run, error, closed_early)
         if failure is not None:
             raise failure
 
     async def _aend(
         self, run: _Invocation, error: BaseException | None, closed_early: bool = False
     ) -> None:
-        finished, failure = await uninterrupted(
-            asyncio.to_thread(run.end, error, closed_early=closed_early)
-        )
-        with self._last_run_lock:
-            self._last_run = finished
+        # Even if this task is cancelled meanwhile, the end runs to completion
+        # (and last_run is set): the plan must never be left open.
+        failure = await uninterrupted(asyncio.to_thread(self._finish, run, error, closed_early))
         if failure is not None:
             raise failure
+
+    def _finish(
+        self, run: _Invocation, error: BaseException | None, closed_early: bool
+    ) -> BaseException | None:
+        finished, failure = run.end(error, closed_early=closed_early)
+        with self._last_run_lock:
+            self._last_run = finished
+        return failure
 
 
 def _note_interrupt(run: _Invocation, result: Any) -> None:

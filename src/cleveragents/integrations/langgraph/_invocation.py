@@ -152,7 +152,8 @@ class _Turn:
 
 
 def _wake(future: asyncio.Future[None]) -> None:
-    if not future.done():
+    # Already done: its waiter was cancelled meanwhile, and has moved on.
+    with contextlib.suppress(asyncio.InvalidStateError):
         future.set_result(None)
 
 
@@ -246,9 +247,6 @@ class _Invocation:
         given["configurable"] = {**(given.get("configurable") or {}), CONFIG_KEY: self.plan_id}
         return given
 
-    def __repr__(self) -> str:
-        return f"<PlanGraph invocation {self.plan_id!r} ({self._state})>"
-
     @property
     def is_running(self) -> bool:
         """Whether the invocation has not ended yet."""
@@ -282,15 +280,12 @@ class _Invocation:
     def poison_with(self, exc: BaseException) -> None:
         """Remember the first handler error: the invocation can only roll back now."""
         with self._gate:
-            first = self._poison is None
-            if first:
-                self._poison = exc
-        if first:
-            logger.warning(
-                "PlanGraph invocation %r: %s; it stops and everything is rolled back",
-                self.plan_id,
-                type(exc).__name__,
-            )
+            self._poison = self._poison or exc  # the first one is what the invocation raises
+        logger.warning(
+            "PlanGraph invocation %r: %s; it stops and everything is rolled back",
+            self.plan_id,
+            type(exc).__name__,
+        )
 
     def raise_if_poisoned(self) -> None:
         with self._gate:
@@ -560,14 +555,11 @@ async def uninterrupted(awaitable: Awaitable[T]) -> T:
     """Await *awaitable* to its end even if this task is cancelled meanwhile, then re-raise that."""
     future = asyncio.ensure_future(awaitable)
     cancelled = False
-    while True:
+    while not future.done():
         try:
-            result = await asyncio.shield(future)
-            break
+            await asyncio.shield(future)
         except asyncio.CancelledError:
-            if future.cancelled():
-                raise  # the work itself was cancelled (its loop is going away)
             cancelled = True
     if cancelled:
         raise asyncio.CancelledError
-    return result
+    return future.result()
