@@ -8,7 +8,6 @@ suite uses too (``tests/fakes.py``) are imported through here.
 from __future__ import annotations
 
 import builtins
-import os
 import sqlite3
 import sys
 import time
@@ -103,11 +102,6 @@ def table_names(path: Path) -> list[str]:
 def split_names(text: str) -> list[str]:
     """Split ``"apple, pear"`` into ``["apple", "pear"]``."""
     return [part.strip().strip('"') for part in text.split(",") if part.strip()]
-
-
-def open_descriptors() -> int:
-    """Count this process's open file descriptors."""
-    return len(os.listdir("/proc/self/fd"))
 
 
 def error_class(name: str) -> type[BaseException]:

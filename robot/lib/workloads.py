@@ -22,6 +22,7 @@ from robot.api.deco import keyword
 from cleveragents.errors import CheckpointExpiredError, HandlerClosedError
 from cleveragents.resource import Resource
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
+from cleveragents.stress import count_fds
 from lib.common import fail
 from lib.ledger import connect
 
@@ -29,11 +30,6 @@ FD_DIR = "/proc/self/fd"
 # A generous upper bound for liveness only; no check here is about speed.
 WORKLOAD_TIMEOUT = 300.0
 SAMPLE_INTERVAL = 0.002
-
-
-def count_open_descriptors() -> int:
-    """Return how many file descriptors this process has open (the listing's own excluded)."""
-    return len(os.listdir(FD_DIR)) - 1
 
 
 def _ledger(database: str) -> tuple[Resource, Resource]:
@@ -166,7 +162,7 @@ class _Sampler:
     def __init__(self, handler: DatabaseResourceHandler) -> None:
         self._handler = handler
         self._stop = threading.Event()
-        self.peak_fds = count_open_descriptors()
+        self.peak_fds = count_fds()
         self.peak_connections = handler.stats().open_connections
         self._thread = threading.Thread(target=self._run, name="robot-fd-sampler", daemon=True)
 
@@ -176,7 +172,7 @@ class _Sampler:
 
     def sample(self) -> None:
         """Take one sample."""
-        self.peak_fds = max(self.peak_fds, count_open_descriptors())
+        self.peak_fds = max(self.peak_fds, count_fds())
         self.peak_connections = max(self.peak_connections, self._handler.stats().open_connections)
 
     def __enter__(self) -> _Sampler:
@@ -410,21 +406,21 @@ class HandlerKeywords:
     @keyword
     def count_open_descriptors(self) -> int:
         """Return how many file descriptors the robot process has open now."""
-        count = count_open_descriptors()
+        count = count_fds()
         logger.info(f"{count} file descriptors open")
         return count
 
     @keyword
     def open_descriptors_should_be(self, expected: int, msg: str | None = None) -> None:
         """Fail unless exactly *expected* file descriptors are open."""
-        count = count_open_descriptors()
+        count = count_fds()
         if count != int(expected):
             fail(msg, f"{count} file descriptors open, expected {expected}: {self._fds()}")
 
     @keyword
     def open_descriptors_should_be_above(self, limit: int, msg: str | None = None) -> None:
         """Fail unless more than *limit* file descriptors are open."""
-        count = count_open_descriptors()
+        count = count_fds()
         if count <= int(limit):
             fail(msg, f"{count} file descriptors open, expected more than {limit}")
 
