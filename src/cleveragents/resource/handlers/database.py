@@ -632,8 +632,8 @@ class DatabaseResourceHandler(EndingMixin, ResourceHandler):
         lease.plan.last_used = time.monotonic()
         lease.users -= 1
         lease.lock.release()
-        if self._pool.waiters and not lease.users:
-            # A plan waiting for a slot may now evict this one (on_full=evict_lru).
+        if self._pool.waiters and not lease.users and self.config.on_full == "evict_lru":
+            # A plan waiting for a slot may now evict this one.
             with self._mutex:
                 self._pool.wake()
         if self._closed and lease.plan in self._orphans:
