@@ -37,13 +37,12 @@ class EndingMixin(ConnectionsMixin):
         with self._mutex:
             if self._closed:
                 raise HandlerClosedError(self.name)
-            self._plans.raise_if_ended(plan_id, operation)
+            if self._plans.endings:
+                self._plans.raise_if_ended(plan_id, operation)
             plan = self._plans.get(plan_id)
             if plan is None:
                 return None
-            if operation == "release_plan" and any(
-                lease.held_here() and lease.users for lease in plan.leases.values()
-            ):
+            if operation == "release_plan" and _in_own_block(plan):
                 raise ResourceError(
                     "release_plan was called inside one of the plan's own connection() "
                     "blocks; end the block first (nothing was done)",
@@ -307,3 +306,11 @@ class EndingMixin(ConnectionsMixin):
         """Make sure the idle sweep runs at *when*, if none is pending; hold the mutex."""
         if self._idle_sweep is None:
             self._idle_sweep = self._reaper.schedule(when, "idle")
+
+
+def _in_own_block(plan: Plan) -> bool:
+    """Whether the calling thread is inside one of *plan*'s ``connection()`` blocks."""
+    for lease in plan.leases.values():  # noqa: SIM110 - no generator on every release
+        if lease.users and lease.held_here():
+            return True
+    return False

@@ -151,11 +151,14 @@ class _Lending:
         tb: TracebackType | None,
     ) -> None:
         lease, self._lease = self._lease, None
-        if lease is not None:
-            try:
+        if lease is None:
+            return
+        conn = lease.conn
+        try:
+            if exc is not None or conn is None or lease.database.engine.transaction_lost(conn):
                 self._handler._after_plan_sql(lease, exc, "connection")
-            finally:
-                self._handler._leave(lease)
+        finally:
+            self._handler._leave(lease)
 
 
 @final
@@ -530,12 +533,19 @@ class DatabaseResourceHandler(EndingMixin, ResourceHandler):
         check_label("plan_id", plan_id)
         if not isinstance(resource, Resource):
             raise TypeError(f"expected a Resource, got {resource!r}")
-        known, resolved = self._resolver.lookup(resource)
+        # What the resource resolved to before, looked up without the mutex.
+        known = self._resolver.by_id.get(id(resource))
+        resolved = known[1] if known is not None else self._resolver.by_value.get(resource)
         plan = self._plans.get(plan_id)
         if plan is not None and resolved is not None and not self._closed:
             lease = plan.leases.get(resolved.database.identity)
-            if lease is not None and self._hold(lease, resource, operation):
-                return (lease, False) if create else lease
+            if lease is not None:  # self._hold(lease, ...), inline: the path every call takes
+                lease.lock.acquire()
+                if lease.ended is None and lease.conn is not None and plan.poisoned is None:
+                    plan.last_used = time.monotonic()
+                    lease.users += 1
+                    return (lease, False) if create else lease
+                lease.lock.release()
         while True:
             with self._mutex:
                 lease, made = self._find_or_make_lease(resource, plan_id, operation, known, create)
