@@ -78,6 +78,19 @@ class StressOptions:
     handler_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_counts()
+        self._check_engine()
+        if self.fd_limit is not None:
+            import resource as rlimit
+
+            hard = rlimit.getrlimit(rlimit.RLIMIT_NOFILE)[1]
+            if hard != rlimit.RLIM_INFINITY and self.fd_limit > hard:
+                raise ValueError(
+                    f"fd_limit {self.fd_limit} is above this process's hard limit ({hard})"
+                )
+
+    def _check_counts(self) -> None:
+        """Refuse counts, durations and ratios out of their range."""
         if self.writers < 1:
             raise ValueError(f"writers must be at least 1, got {self.writers}")
         if self.readers < 0:
@@ -94,6 +107,9 @@ class StressOptions:
             raise ValueError(f"fail_ratio must be between 0 and 1, got {self.fail_ratio}")
         if self.sample_interval <= 0:
             raise ValueError(f"sample_interval must be more than 0, got {self.sample_interval}")
+
+    def _check_engine(self) -> None:
+        """Refuse an unknown engine, and a database option of the other engine."""
         if self.engine not in ENGINES:
             known = ", ".join(sorted(ENGINES))
             raise ValueError(f"unknown engine {self.engine!r} (known: {known})")
@@ -103,14 +119,6 @@ class StressOptions:
             raise ValueError(f"--engine {self.engine} needs --dsn")
         if self.engine != "sqlite" and self.db is not None:
             raise ValueError(f"--db is for SQLite; --engine {self.engine} takes --dsn")
-        if self.fd_limit is not None:
-            import resource as rlimit
-
-            hard = rlimit.getrlimit(rlimit.RLIMIT_NOFILE)[1]
-            if hard != rlimit.RLIM_INFINITY and self.fd_limit > hard:
-                raise ValueError(
-                    f"fd_limit {self.fd_limit} is above this process's hard limit ({hard})"
-                )
 
     @property
     def fd_bound(self) -> int:
