@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cleveragents.errors import PlanError, PlanProblem
 from cleveragents.resource.base import _SECRET_KEYS, Resource
@@ -138,6 +146,7 @@ class Plan(BaseModel):
     source: str | None = Field(
         default=None, exclude=True, description="The file the plan was loaded from."
     )
+    _id_line: int | None = PrivateAttr(default=None)
 
     @field_validator("id")
     @classmethod
@@ -156,6 +165,11 @@ class Plan(BaseModel):
     def resource(self, name: str) -> Resource:
         """Return the resource called *name*."""
         return self.resources[name].to_resource(name)
+
+    @property
+    def id_line(self) -> int | None:
+        """The line of ``id:`` in :attr:`source` (``None``: a generated id, or made in code)."""
+        return self._id_line
 
 
 # -- YAML with line numbers -------------------------------------------------------
@@ -370,7 +384,9 @@ def load_plan(
     if problems.found:
         raise problems.error()
     plan_id = plan.id or f"{plan_path.stem}-{uuid.uuid4().hex[:8]}"
-    return plan.model_copy(update={"id": plan_id, "resources": resources, "source": shown})
+    loaded = plan.model_copy(update={"id": plan_id, "resources": resources, "source": shown})
+    loaded._id_line = located.line_of(("id",), data) if plan.id else None
+    return loaded
 
 
 def _validate_shape(data: dict[str, Any], problems: _Problems) -> Plan:
