@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 from conftest import make_table
 
 from cleveragents.errors import (
+    CheckpointEvictedError,
     CheckpointExpiredError,
     CleverAgentsError,
     PlanError,
@@ -96,7 +98,7 @@ class _Tools:
             conn.execute("INSERT INTO t VALUES ('before exit')")
         raise SystemExit(3)  # e.g. argparse giving up inside a tool
 
-    def outlive_ttl(self, ctx: ToolContext, then: str = "return") -> None:
+    def outlive_ttl(self, ctx: ToolContext, then: str = "reconnect") -> None:
         """Write, sit idle until the reaper rolls the plan back, then hide its error and go on."""
         assert self.runtime is not None
         with ctx.connection("inv") as conn:
@@ -108,6 +110,8 @@ class _Tools:
             threading.Event().wait(0.02)
         else:
             raise AssertionError("the reaper never rolled the plan back")
+        if then == "return":
+            return
         for _ in range(2):
             try:
                 with ctx.connection("inv") as conn:
@@ -698,3 +702,125 @@ def test_a_tool_that_hides_a_busy_database_and_reconnects_fails_its_plan(
     assert rows(db_path, "SELECT v FROM t") == []
     assert rows(other_path, "SELECT v FROM t") == []
     _idle(runtime)
+
+
+def test_an_sql_step_after_the_plan_expired_fails_it(
+    runtime: Runtime, write_plan: Callable[..., Path], db_path: Path, rows: Any, tools: _Tools
+) -> None:
+    path = write_plan(
+        "  - {id: slow, tool: outlive_ttl, with: {then: return}}\n"
+        "  - {id: later, resource: inv, sql: \"INSERT INTO t VALUES ('later')\"}\n"
+        "  - {id: last, resource: inv, sql: \"INSERT INTO t VALUES ('last')\"}\n",
+        settings=", checkpoint_ttl: 0.2",
+    )
+    result = _run(runtime, path)
+    assert result.status == "failed"
+    assert result.failed_step == "later"
+    assert result.steps[1].attempts == 1
+    assert result.error is not None and "the reaper rolled it back" in result.error
+    assert [step.status for step in result.steps] == ["passed", "failed", "not run"]
+    assert rows(db_path, "SELECT v FROM t") == []
+    _idle(runtime)
+
+
+def test_a_checkpoint_the_handler_cannot_take_fails_the_plan(
+    runtime: Runtime, write_plan: Callable[..., Path], db_path: Path, rows: Any, tools: _Tools
+) -> None:
+    path = write_plan(
+        "  - {id: careful, resource: inv, checkpoint: true, sql: \"INSERT INTO t VALUES ('a')\"}\n",
+        settings=", busy_timeout: 0.1",
+    )
+    handler = runtime.handler("database")
+    holder = Resource(name="holder", kind="database", engine="sqlite", location=str(db_path))
+    handler.create_checkpoint(holder, "someone-else", "holding")  # holds the write turn
+    try:
+        result = _run(runtime, path)
+    finally:
+        handler.rollback_plan("someone-else")
+    assert result.status == "failed"
+    assert result.failed_step == "careful"
+    assert result.steps[0].attempts == 0  # the step itself never ran
+    assert tools.events == ["failed p: ResourceBusyError"]
+    assert rows(db_path, "SELECT v FROM t") == []
+    _idle(runtime)
+
+
+class _Box(ResourceHandler):
+    """A resource kind whose lent "connection" is a list, and whose block can fail on leaving."""
+
+    kind = "box"
+
+    def __init__(self) -> None:
+        self.pending: dict[str, list[str]] = {}
+        self.committed: list[str] = []
+        self.lent = 0
+
+    @classmethod
+    def validate_settings(cls, resource: Resource) -> Any:
+        return None
+
+    @contextmanager
+    def connection(self, resource: Resource, plan_id: str) -> Iterator[list[str]]:
+        self.lent += 1
+        yield self.pending.setdefault(plan_id, [])
+        raise ResourceError("the plan's transaction ended under it", plan_id=plan_id)
+
+    def create_checkpoint(self, resource: Resource, plan_id: str, checkpoint_id: str) -> Any:
+        raise NotImplementedError
+
+    def rollback_to(self, resource: Resource, plan_id: str, checkpoint_id: str) -> None:
+        raise NotImplementedError
+
+    def release_plan(self, plan_id: str) -> None:
+        self.committed += self.pending.pop(plan_id, [])
+
+    def rollback_plan(self, plan_id: str) -> None:
+        self.pending.pop(plan_id, None)
+
+    def close(self) -> None:
+        """Nothing to free."""
+
+
+@pytest.mark.parametrize("inside", [None, CheckpointEvictedError("evicted")])
+def test_a_handler_error_leaving_the_connection_block_poisons_the_plan(
+    inside: BaseException | None,
+) -> None:
+    hidden: list[BaseException] = []
+
+    class Plugin:
+        @hookimpl
+        def cleveragents_register_resource_handlers(self, registry: ResourceRegistry) -> None:
+            registry.add(_Box)
+
+        @hookimpl
+        def cleveragents_register_tools(self, registry: ToolRegistry) -> None:
+            registry.add("pack", pack)
+
+    def pack(ctx: ToolContext) -> None:
+        for _ in range(2):
+            try:
+                with ctx.connection("box") as box:
+                    box.append("apple")
+                    if inside is not None:
+                        raise inside
+            except CleverAgentsError as exc:
+                hidden.append(exc)
+
+    pm = get_plugin_manager(load_entry_points=False)
+    pm.register(Plugin(), name="box-plugin")
+    plan = Plan(
+        id="p",
+        resources={"box": ResourceEntry(kind="box")},
+        steps=[Step(id="pack", tool="pack")],
+    )
+    with Runtime(plugin_manager=pm) as runtime:
+        result = runtime.run(plan)
+        box = runtime.handlers["box"]
+    assert isinstance(box, _Box)
+    assert result.status == "failed"
+    assert result.failed_step == "pack"
+    first = inside or hidden[0]
+    assert result.error == str(first)
+    assert hidden == [first, first]  # asking again raised it again, lending nothing
+    assert box.lent == 1
+    assert box.committed == []

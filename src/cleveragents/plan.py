@@ -406,8 +406,7 @@ def _validate_shape(data: dict[str, Any], problems: _Problems) -> Plan:
         found = _problems_from(exc, (), problems.data, problems.located, problems.shown)
         problems.found += [p for p in found if not p.message.startswith("duplicate step id")]
         raise problems.error() from None
-    if problems.found:
-        raise PlanError(problems.found)
+    assert not problems.found, "a duplicate step id always fails Plan's own validation"
     return plan
 
 
