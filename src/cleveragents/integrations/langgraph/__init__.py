@@ -36,9 +36,10 @@ except ImportError as exc:
 
 from cleveragents.integrations._common import ToolRollback
 from cleveragents.integrations.langgraph._calls import plan_connection, plan_node, plan_tool
-from cleveragents.integrations.langgraph._checkpointer import TABLES, PlanCheckpointer
+from cleveragents.integrations.langgraph._checkpointer import PlanCheckpointer
 from cleveragents.integrations.langgraph._graph import PlanGraph
 from cleveragents.integrations.langgraph._invocation import GraphRun, Outcome
+from cleveragents.integrations.langgraph._store import TABLES
 
 __all__ = [
     "TABLES",

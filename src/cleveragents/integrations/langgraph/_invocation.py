@@ -40,15 +40,13 @@ from cleveragents.errors import ResourceError, ToolError
 from cleveragents.integrations._common import ToolRollback
 
 if TYPE_CHECKING:
-    from cleveragents.integrations.langgraph._checkpointer import _Store
+    from cleveragents.integrations.langgraph._store import Execute, _Store
 
 logger = logging.getLogger("cleveragents.integrations.langgraph")
 
 T = TypeVar("T")
 Outcome = Literal["released", "rolled_back"]
 _State = Literal["open", "closing", "finished"]
-#: Runs one statement on the plan's connection and returns its rows.
-Execute = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]
 
 INTERRUPTED = "interrupted: its task runs again when the graph is resumed"
 

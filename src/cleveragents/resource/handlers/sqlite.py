@@ -248,6 +248,11 @@ class SQLiteEngine(Engine):
     def is_clean(self, conn: PlanConnection) -> bool:
         return not conn.in_transaction
 
+    def transaction_lost(self, conn: PlanConnection) -> str | None:
+        if conn.in_transaction:
+            return None
+        return "a statement of the plan ended its transaction (e.g. OR ROLLBACK, RAISE(ROLLBACK))"
+
     def close(self, conn: PlanConnection) -> None:
         conn.close()
 
