@@ -90,3 +90,33 @@ def test_a_config_of_an_invocation_that_is_gone_is_refused(tmp_path: Path) -> No
         stale = {"configurable": {"thread_id": "t1", CONFIG_KEY: "langgraph-gone"}}
         with pytest.raises(RuntimeError, match="'langgraph-gone' has ended"):
             saver.get_tuple(stale)
+
+
+def test_the_end_of_an_invocation_runs_to_completion_through_cancellation() -> None:
+    from cleveragents.integrations.langgraph._invocation import uninterrupted
+
+    done: list[str] = []
+
+    async def scenario() -> None:
+        go = asyncio.Event()
+
+        async def end_of_invocation() -> str:
+            await go.wait()
+            done.append("ended")
+            return "ended"
+
+        ending = asyncio.ensure_future(uninterrupted(end_of_invocation()))
+        for _ in range(3):
+            await asyncio.sleep(0)  # it is waiting now
+        ending.cancel()
+        await asyncio.sleep(0)
+        ending.cancel()  # and again
+        await asyncio.sleep(0)
+        assert not ending.done()  # still waiting for the work to end
+        go.set()
+        with pytest.raises(asyncio.CancelledError):
+            await ending  # the cancellation is passed on once the work is done
+        assert await uninterrupted(asyncio.sleep(0, "plain")) == "plain"
+
+    asyncio.run(scenario())
+    assert done == ["ended"]

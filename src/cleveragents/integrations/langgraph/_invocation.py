@@ -1,9 +1,11 @@
 """One PlanGraph invocation as one plan: who may run when, its checkpoints, and how it ends.
 
-An :class:`_Invocation` is found through the context variable ``_CURRENT_RUN``,
-which LangGraph copies into its task threads, its background checkpoint
-writers and ToolNode's tool threads and tasks. Everything that touches the
-plan goes through it:
+An :class:`_Invocation` is found through the key ``CONFIG_KEY`` that PlanGraph
+adds to the config (LangGraph hands it to every checkpointer call and task),
+or else through the context variable ``_CURRENT_RUN``, which LangGraph copies
+into most of its threads and tasks (not into the done-callbacks that submit
+some background checkpoint writes: hence the key). Everything that touches
+the plan goes through it:
 
 * plan tool and plan node calls take turns (:class:`_Turn`), each starting
   with a checkpoint on every database, labelled ``tool-N`` or ``node-N``;
