@@ -128,7 +128,7 @@ def test_a_lock_wait_inside_a_connection_block_is_busy(
         busy_timeout="200ms", **({"lock": "deferred"} if engine == "sqlite" else {})
     )
     assert handler.execute(res, "p", "SELECT count(*) FROM t") == [(1,)]
-    blocker = db._connect()
+    blocker = db.connect()
     try:
         if engine == "sqlite":
             blocker.execute("BEGIN IMMEDIATE")
