@@ -195,3 +195,88 @@ def test_close_leaves_a_plan_held_in_python_code_to_its_thread(
     assert (stats.open_connections, stats.rollbacks, stats.commits) == (0, 1, 0)
     db.run("INSERT INTO t VALUES ('after')")  # the plan's locks are gone
     assert db.rows() == ["after"]
+
+
+def test_close_wakes_a_plan_waiting_for_a_slot(
+    make_handler: MakeHandler, db: Database, make_db: Callable[[str], Database]
+) -> None:
+    handler = make_handler(max_connections=1, acquire_timeout=60)
+    other = make_db("other").resource("other")
+    handler.create_checkpoint(db.resource(), "holder", "a")
+    waiter = _Worker(lambda: handler.create_checkpoint(other, "waiter", "a"))
+    waiter.start()
+    _until(lambda: handler.stats().waits == 1)
+    handler.close()
+    waiter.join(10)
+    assert not waiter.is_alive()
+    assert type(waiter.error) is HandlerClosedError
+    assert handler.stats().open_connections == 0
+
+
+# -- closing -------------------------------------------------------------------------------
+
+
+def _reaper_threads(handler: DatabaseResourceHandler) -> list[threading.Thread]:
+    name = f"cleveragents-reaper[{handler.name}]"
+    return [thread for thread in threading.enumerate() if thread.name == name]
+
+
+def test_close_rolls_back_and_later_calls_raise(db: Database, fd_count: Callable[[], int]) -> None:
+    resource = db.resource()
+    baseline = fd_count()
+    handler = DatabaseResourceHandler(max_connections=2)
+    with handler.connection(resource, "open") as conn:
+        conn.execute("INSERT INTO t VALUES ('never committed')")
+    closers = [threading.Thread(target=handler.close) for _ in range(4)]
+    for closer in closers:
+        closer.start()
+    for closer in closers:
+        closer.join(10)
+    handler.close()
+    assert handler.is_closed
+    assert "closed" in repr(handler)
+    assert db.rows() == []
+    assert fd_count() == baseline
+    assert _reaper_threads(handler) == []
+    for call in (
+        lambda: handler.create_checkpoint(resource, "p", "a"),
+        lambda: handler.rollback_to(resource, "p", "a"),
+        lambda: handler.release_plan("p"),
+        lambda: handler.rollback_plan("p"),
+        lambda: handler.connection(resource, "p").__enter__(),
+    ):
+        with pytest.raises(HandlerClosedError) as info:
+            call()
+        assert info.value.handler == handler.name
+    assert handler.stats().rollbacks == 1
+
+
+def test_context_manager_closes(db: Database, engine: str, file_fds: Callable[..., int]) -> None:
+    with DatabaseResourceHandler() as handler:
+        with handler.connection(db.resource(), "p1") as conn:
+            conn.execute("INSERT INTO t VALUES ('rolled back on exit')")
+        assert not handler.is_closed
+    assert handler.is_closed
+    assert db.rows("SELECT count(*) FROM t") == [0]
+    assert handler.stats().open_connections == 0
+    if engine == "sqlite":
+        assert file_fds(db.where) == 0
+
+
+def test_close_inside_a_connection_block_does_not_wait_for_itself(
+    handler: DatabaseResourceHandler, db: Database
+) -> None:
+    resource = db.resource()
+    releasing: threading.Thread | None = None
+    with handler.connection(resource, "p1") as conn:
+        conn.execute("INSERT INTO t VALUES ('mine')")
+        # Another thread starts releasing the plan: it waits for this block.
+        releasing = _Worker(lambda: handler.release_plan("p1"))
+        releasing.start()
+        _until(lambda: handler.stats().active_plans == 0)  # it took the plan out
+        started = time.monotonic()
+        handler.close()  # must not wait for a plan only this block holds up
+        assert time.monotonic() - started < 5
+    releasing.join(10)
+    assert not releasing.is_alive()
+    assert handler.stats().open_connections == 0

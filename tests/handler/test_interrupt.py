@@ -6,8 +6,11 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
+
+from cleveragents.resource.handlers.database import DatabaseResourceHandler
 
 from .conftest import Database
 
@@ -64,4 +67,44 @@ def test_interrupt_from_a_signal_handler_while_the_thread_holds_the_mutex(
         pytest.fail("interrupt() called from a signal handler deadlocked the process")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["interrupt() returned under the mutex"]
+    assert db.rows() == []
+
+
+# Read-only statements that never end on their own.
+_ENDLESS_READ = {
+    "sqlite": "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 100000000) "
+    "SELECT count(*) FROM c",
+    "postgresql": "SELECT pg_sleep(600)",
+}
+
+
+def test_interrupt_stops_statements_of_every_plan(
+    handler: DatabaseResourceHandler, db: Database, engine: str
+) -> None:
+    resource = db.resource()
+    handler.interrupt()  # nothing running: harmless
+    started = threading.Event()
+    errors: list[BaseException] = []
+
+    def long_statement() -> None:
+        with handler.connection(resource, "p1") as conn:
+            conn.execute("INSERT INTO t VALUES ('x')")
+            started.set()
+            try:
+                conn.execute(_ENDLESS_READ[engine]).fetchall()
+            except Exception as exc:
+                errors.append(exc)
+
+    worker = threading.Thread(target=long_statement)
+    worker.start()
+    assert started.wait(10)
+    while worker.is_alive():  # an interrupt before the statement starts is lost
+        handler.interrupt()
+        worker.join(0.05)
+    if engine == "sqlite":
+        assert [str(error) for error in errors] == ["interrupted"]
+    else:
+        assert [type(error).__name__ for error in errors] == ["QueryCanceled"]
+    handler.rollback_plan("p1")
+    assert handler.stats().active_plans == 0
     assert db.rows() == []
