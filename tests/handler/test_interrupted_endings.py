@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from cleveragents.errors import PartialCommitError
+from cleveragents.resource import Resource
 from cleveragents.resource.handlers.database import ENGINES, DatabaseResourceHandler
 
 from .conftest import Database
@@ -60,7 +61,9 @@ class _AnnouncingLock:
         return bool(self._real._is_owned())
 
 
-def _announce_waits_for(handler: DatabaseResourceHandler, plan_id: str, index: int) -> Any:
+def _announce_waits_for(
+    handler: DatabaseResourceHandler, plan_id: str, index: int
+) -> _AnnouncingLock:
     """Put an :class:`_AnnouncingLock` on the plan's *index*-th lease (in first-use order)."""
     plan = handler._plans.get(plan_id)
     assert plan is not None
@@ -69,21 +72,13 @@ def _announce_waits_for(handler: DatabaseResourceHandler, plan_id: str, index: i
     return lease.lock
 
 
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("then", ["rollback_plan", "release_plan"])
-def test_ctrl_c_while_release_waits_for_a_busy_connection_puts_the_plan_back(
+def _release_interrupted_while_a_tool_holds(
     handler: DatabaseResourceHandler,
-    make_db: Callable[[str], Database],
+    second: Resource,
+    lock: _AnnouncingLock,
     ctrl_c: Callable[[], None],
-    then: str,
 ) -> None:
-    first_db, second_db = make_db("first"), make_db("second")
-    first = first_db.resource("first", busy_timeout="500ms")
-    second = second_db.resource("second", busy_timeout="500ms")
-    handler.execute(first, "p", "INSERT INTO t VALUES ('first')")
-    handler.execute(second, "p", "INSERT INTO t VALUES ('second')")
-    lock = _announce_waits_for(handler, "p", 1)
-
+    """Call release_plan("p") while another thread sits in a block of p; Ctrl-C it."""
     inside, leave = threading.Event(), threading.Event()
     errors: list[BaseException] = []
 
@@ -113,6 +108,23 @@ def test_ctrl_c_while_release_waits_for_a_busy_connection_puts_the_plan_back(
         presser.join(10)
         user.join(10)
     assert errors == []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("then", ["rollback_plan", "release_plan"])
+def test_ctrl_c_while_release_waits_for_a_busy_connection_puts_the_plan_back(
+    handler: DatabaseResourceHandler,
+    make_db: Callable[[str], Database],
+    ctrl_c: Callable[[], None],
+    then: str,
+) -> None:
+    first_db, second_db = make_db("first"), make_db("second")
+    first = first_db.resource("first", busy_timeout="500ms")
+    second = second_db.resource("second", busy_timeout="500ms")
+    handler.execute(first, "p", "INSERT INTO t VALUES ('first')")
+    handler.execute(second, "p", "INSERT INTO t VALUES ('second')")
+    lock = _announce_waits_for(handler, "p", 1)
+    _release_interrupted_while_a_tool_holds(handler, second, lock, ctrl_c)
 
     # The plan went back to the table untouched: nothing committed, all still open...
     assert first_db.rows() == []

@@ -54,11 +54,8 @@ from pydantic import ValidationError
 
 from cleveragents.errors import (
     CheckpointError,
-    CheckpointExpiredError,
     CheckpointNotFoundError,
     HandlerClosedError,
-    PartialCommitError,
-    PoolExhaustedError,
     ResourceBusyError,
     ResourceError,
 )
@@ -71,7 +68,8 @@ from cleveragents.resource.base import (
 )
 from cleveragents.resource.handlers import _finalize
 from cleveragents.resource.handlers._databases import Resolved, Resolver
-from cleveragents.resource.handlers._plans import Endings, Lease, Plan, PlanState, PlanTable
+from cleveragents.resource.handlers._ending import EndingMixin
+from cleveragents.resource.handlers._plans import Endings, Lease, Plan, PlanTable
 from cleveragents.resource.handlers._pool import ConnectionPool
 from cleveragents.resource.handlers._settings import (
     ACQUIRE_TIMEOUT,
@@ -151,15 +149,18 @@ class _Lending:
         tb: TracebackType | None,
     ) -> None:
         lease, self._lease = self._lease, None
-        if lease is not None:
-            try:
+        if lease is None:
+            return
+        conn = lease.conn
+        try:
+            if exc is not None or conn is None or lease.database.engine.transaction_lost(conn):
                 self._handler._after_plan_sql(lease, exc, "connection")
-            finally:
-                self._handler._leave(lease)
+        finally:
+            self._handler._leave(lease)
 
 
 @final
-class DatabaseResourceHandler(ResourceHandler):
+class DatabaseResourceHandler(EndingMixin, ResourceHandler):
     """Gives every plan its own transaction on each database it touches.
 
     Checkpoints are savepoints on the plan's one connection per database.
@@ -330,12 +331,12 @@ class DatabaseResourceHandler(ResourceHandler):
         check_label("checkpoint_id", checkpoint_id)
         lease = self._enter(resource, plan_id, "rollback_to", checkpoint_id, create=False)
         if lease is None:
-            raise self._not_found(resource, plan_id, checkpoint_id)
+            raise _not_found(resource, plan_id, checkpoint_id)
         try:
             checkpoints = lease.checkpoints
             savepoint = checkpoints.get(checkpoint_id)
             if savepoint is None:
-                raise self._not_found(resource, plan_id, checkpoint_id)
+                raise _not_found(resource, plan_id, checkpoint_id)
             self._run(lease, "rollback_to", checkpoint_id, "rollback_to", savepoint)
             while next(reversed(checkpoints)) != checkpoint_id:
                 checkpoints.popitem()  # the newest: dicts keep insertion order
@@ -533,12 +534,19 @@ class DatabaseResourceHandler(ResourceHandler):
         check_label("plan_id", plan_id)
         if not isinstance(resource, Resource):
             raise TypeError(f"expected a Resource, got {resource!r}")
-        known, resolved = self._resolver.lookup(resource)
+        # What the resource resolved to before, looked up without the mutex.
+        known = self._resolver.by_id.get(id(resource))
+        resolved = known[1] if known is not None else self._resolver.by_value.get(resource)
         plan = self._plans.get(plan_id)
         if plan is not None and resolved is not None and not self._closed:
             lease = plan.leases.get(resolved.database.identity)
-            if lease is not None and self._hold(lease, resource, operation):
-                return (lease, False) if create else lease
+            if lease is not None:  # self._hold(lease, ...), inline: the path every call takes
+                lease.lock.acquire()
+                if lease.ended is None and lease.conn is not None and plan.poisoned is None:
+                    plan.last_used = time.monotonic()
+                    lease.users += 1
+                    return (lease, False) if create else lease
+                lease.lock.release()
         while True:
             with self._mutex:
                 lease, made = self._find_or_make_lease(resource, plan_id, operation, known, create)
@@ -567,7 +575,7 @@ class DatabaseResourceHandler(ResourceHandler):
                 lease.users += 1
                 return True
             lease.lock.release()
-            raise self._poisoned_error(plan, resource.name, operation)
+            raise _poisoned_error(plan, resource.name, operation)
         lease.lock.release()
         return False
 
@@ -635,8 +643,8 @@ class DatabaseResourceHandler(ResourceHandler):
         lease.plan.last_used = time.monotonic()
         lease.users -= 1
         lease.lock.release()
-        if self._pool.waiters and not lease.users:
-            # A plan waiting for a slot may now evict this one (on_full=evict_lru).
+        if self._pool.waiters and not lease.users and self.config.on_full == "evict_lru":
+            # A plan waiting for a slot may now evict this one.
             with self._mutex:
                 self._pool.wake()
         if self._closed and lease.plan in self._orphans:
@@ -658,14 +666,6 @@ class DatabaseResourceHandler(ResourceHandler):
             logger.warning("plan %r is poisoned: %s", lease.plan.plan_id, lost)
         if isinstance(exc, engine.driver_error) and engine.classify(exc) != "other":
             raise self._wrap(exc, lease, operation, None) from exc
-
-    def _poisoned_error(self, plan: Plan, resource: str, operation: str) -> ResourceError:
-        return ResourceError(
-            f"the plan can no longer commit: {plan.poisoned}; it will be rolled back",
-            plan_id=plan.plan_id,
-            resource=resource,
-            operation=operation,
-        )
 
     def _take_at_hand(self, lease: Lease, resolved: Resolved, plan_id: str) -> None:
         """Give a new lease an idle connection and its write turn, if both are free now.
@@ -730,38 +730,6 @@ class DatabaseResourceHandler(ResourceHandler):
         except engine.driver_error as exc:
             raise self._wrap(exc, lease, operation, checkpoint_id) from exc
 
-    def _wrap(
-        self, exc: BaseException, lease: Lease, operation: str, checkpoint_id: str | None
-    ) -> ResourceError:
-        engine = lease.database.engine
-        context: dict[str, Any] = {
-            "plan_id": lease.plan.plan_id,
-            "checkpoint_id": checkpoint_id,
-            "resource": lease.resolved.resource,
-            "operation": operation,
-        }
-        kind = engine.classify(exc)
-        if kind == "busy":
-            with self._mutex:
-                self._counts["busy_timeouts"] += 1
-            return ResourceBusyError(
-                f"database {lease.database.label!r} stayed locked for longer than busy_timeout "
-                f"({lease.resolved.settings.busy_timeout:g}s): {engine.redact(exc)}",
-                **context,
-            )
-        if kind == "lost":
-            age = time.monotonic() - lease.plan.last_used
-            return CheckpointExpiredError(
-                f"the server ended the plan's session: {engine.redact(exc)}",
-                age=age,
-                ttl=lease.plan.ttl,
-                **context,
-            )
-        return ResourceError(
-            f"{operation} failed on database {lease.database.label!r}: {engine.redact(exc)}",
-            **context,
-        )
-
     def _abandon(self, lease: Lease) -> None:
         """Undo a lease this call made: roll back, give the connection back, forget it."""
         try:
@@ -780,437 +748,6 @@ class DatabaseResourceHandler(ResourceHandler):
                     self._plans.forget(plan)
                 lease.lock.release()
 
-    def _not_found(self, resource: Resource, plan_id: str, checkpoint_id: str) -> CheckpointError:
-        return CheckpointNotFoundError(
-            "no open checkpoint with this label",
-            plan_id=plan_id,
-            checkpoint_id=checkpoint_id,
-            resource=resource.name,
-            operation="rollback_to",
-        )
-
-    # -- connections ----------------------------------------------------------
-
-    def _checkout(self, lease: Lease) -> Any:
-        """Return a connection for *lease*: an idle one if it fits, else a new one.
-
-        Decide under the mutex: take an idle connection, else reserve a slot,
-        else take the oldest idle connection's slot, else pick a victim
-        (``evict_lru``) or wait up to ``acquire_timeout``. Then, outside it,
-        finish the victim, close the old connection, or open the new one.
-        """
-        deadline = time.monotonic() + self.config.acquire_timeout
-        waited = False
-        pool = self._pool
-        resolved = lease.resolved
-        while True:
-            victim: Plan | None = None
-            to_close = None
-            with self._mutex:
-                if self._closed:
-                    raise HandlerClosedError(self.name)
-                conn = pool.pop_idle(resolved.database, resolved.config)
-                if conn is not None:
-                    return conn
-                if not pool.reserve():
-                    to_close = pool.take_oldest_idle()
-                    if to_close is None and self.config.on_full == "evict_lru":
-                        victim = self._plans.pick_victim(lease.plan, time.monotonic())
-                        if victim is not None:
-                            self._counts["evicted"] += 1
-                    if to_close is None and victim is None:
-                        if not waited:
-                            waited = True
-                            self._counts["waits"] += 1
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            self._counts["wait_timeouts"] += 1
-                            raise self._exhausted(lease)
-                        pool.wait(remaining)
-                        continue
-            if victim is not None:
-                logger.warning(
-                    "handler %r evicted plan %r to free a connection", self.name, victim.plan_id
-                )
-                self._finish(victim, commit=False, locked=True)
-                continue
-            if to_close is not None:
-                self._close_connection(to_close.database, to_close.conn)
-            return self._open_connection(lease)
-
-    def _exhausted(self, lease: Lease) -> PoolExhaustedError:
-        holders = self._plans.holders()
-        limit = self.config.max_connections
-        return PoolExhaustedError(
-            f"all {limit} connections are held by live plans {holders[:10]!r} for longer "
-            f"than acquire_timeout ({self.config.acquire_timeout:g}s); raise "
-            "max_connections or finish plans sooner",
-            limit=limit,
-            holders=holders,
-            plan_id=lease.plan.plan_id,
-            resource=lease.resolved.resource,
-            operation="acquire",
-        )
-
-    def _replace_connection(self, lease: Lease) -> None:
-        """Close the lease's broken connection and give the lease another one."""
-        conn, lease.conn = lease.conn, None
-        with self._mutex:
-            self._pool.release_slot()
-        logger.info("handler %r dropped a connection the server had closed", self.name)
-        self._close_connection(lease.database, conn)
-        lease.conn = self._checkout(lease)
-
-    def _open_connection(self, lease: Lease) -> Any:
-        """Open a connection in a slot already reserved."""
-        engine = lease.database.engine
-        try:
-            conn = engine.open(
-                lease.resolved.settings, application_name=f"cleveragents:{lease.plan.plan_id}"
-            )
-        except BaseException as exc:
-            with self._mutex:
-                self._pool.release_slot()
-            if isinstance(exc, engine.driver_error):
-                raise self._wrap(exc, lease, "open", None) from exc
-            raise
-        logger.debug("handler %r opened a connection to %r", self.name, lease.database.label)
-        return conn
-
-    def _checkin(self, lease: Lease, *, broken: bool = False, outcome: str | None = None) -> None:
-        """Take the lease's connection and write turn back: to the idle pool if clean, else close.
-
-        One pass under the mutex gives back both and counts the plan's
-        *outcome* (a ``_counts`` key), if given. The next plan in line for the
-        turn is woken only once the shared memory connection is settled. A
-        connection still in the hands of a ``connection()`` block (the plan
-        was ended inside it) is closed, never pooled.
-        """
-        database = lease.database
-        conn, lease.conn = lease.conn, None
-        memory = lease.resolved.memory
-        broken = broken or lease.users > 0  # ended inside its own connection() block
-        clean = conn is not None and not memory and not broken and database.engine.is_clean(conn)
-        close = False
-        with self._mutex:
-            if outcome is not None:
-                self._counts[outcome] += 1
-                self._plans.settle(lease.plan)
-            if conn is None:
-                pass
-            elif memory:
-                # The shared connection stays, unless it broke: then whoever takes
-                # it out of memory_conn (here, or close()) uncounts and closes it.
-                if broken and database.memory_conn is conn and lease.ended == "broken":
-                    database.memory_conn = None
-                    self._pool.release_slot()
-                    close = True
-            elif clean and not self._closed:
-                now = time.monotonic()
-                if self._pool.put_idle(database, conn, lease.resolved.config, now):
-                    self._arm_idle_sweep(now + self.config.idle_timeout)
-            else:
-                self._pool.release_slot()
-                close = True
-            # The turn goes on only now that the memory connection is settled.
-            if lease.has_turn:
-                lease.has_turn = False
-                database.turnstile.release()
-        if close:
-            self._close_connection(database, conn)
-
-    def _close_connection(self, database: Any, conn: Any) -> None:
-        try:
-            database.engine.close(conn)
-        except database.engine.driver_error as exc:
-            with self._mutex:
-                self._counts["close_failures"] += 1
-            logger.warning(
-                "closing a connection to %r failed: %s",
-                database.label,
-                database.engine.redact(exc),
-            )
-
-    # -- ending plans -----------------------------------------------------------
-
-    def _take_plan(self, plan_id: str, operation: str) -> Plan | None:
-        check_label("plan_id", plan_id)
-        with self._mutex:
-            if self._closed:
-                raise HandlerClosedError(self.name)
-            self._plans.raise_if_ended(plan_id, operation)
-            plan = self._plans.get(plan_id)
-            if plan is None:
-                return None
-            if operation == "release_plan" and any(
-                lease.held_here() and lease.users for lease in plan.leases.values()
-            ):
-                raise ResourceError(
-                    "release_plan was called inside one of the plan's own connection() "
-                    "blocks; end the block first (nothing was done)",
-                    plan_id=plan_id,
-                    operation=operation,
-                )
-            return self._plans.take(plan_id)
-
-    def _finish(
-        self,
-        plan: Plan,
-        *,
-        commit: bool,
-        locked: bool = False,
-        wait_until: float | None = None,
-    ) -> None:
-        """Commit or roll back every lease of a plan already taken out of the table.
-
-        Whoever takes a plan out finishes it with this, which settles it.
-        Databases are committed in first-use order, after every one said it
-        can commit; after a failed commit the rest are rolled back. Each
-        lease's connection and turn are given back as soon as its database is
-        done; the plan's outcome is counted when the last one is. With
-        *locked*, the caller already holds every lease lock (eviction and
-        reaping); with *wait_until* (close), a lease lock not free by then
-        leaves the plan to the thread holding it.
-        """
-        leases = list(plan.leases.values())
-        if not locked and not self._lock_leases(plan, leases, wait_until):
-            return
-        try:
-            self._finish_leases(plan, leases, commit=commit)
-        finally:
-            if plan.state is not PlanState.SETTLED:  # normally the last check-in did it
-                with self._mutex:
-                    self._plans.settle(plan)
-
-    def _lock_leases(self, plan: Plan, leases: list[Lease], wait_until: float | None) -> bool:
-        """Take every lease lock of a plan taken out, in order; all or none.
-
-        Interrupted (KeyboardInterrupt) before holding them all, the plan goes
-        back to the table untouched, so rollback_plan, the reaper or close()
-        can still end it. Past *wait_until*, it is left to the thread holding
-        the lock, which finishes it when it leaves its block.
-        """
-        taken: list[Lease] = []
-        try:
-            for lease in leases:
-                if wait_until is None:
-                    lease.lock.acquire()
-                elif not lease.lock.acquire(timeout=max(0.0, wait_until - time.monotonic())):
-                    logger.warning(
-                        "closing %r: plan %r is still running a statement; it is rolled "
-                        "back when that ends",
-                        self.name,
-                        plan.plan_id,
-                    )
-                    with self._mutex:
-                        self._orphans.add(plan)
-                    for held in taken:
-                        held.lock.release()
-                    return False
-                taken.append(lease)
-        except BaseException:
-            for held in taken:
-                held.lock.release()
-            with self._mutex:
-                self._plans.put_back(plan)
-            raise
-        return True
-
-    def _finish_orphan(self, plan: Plan) -> None:
-        """Roll back a plan close() left to this thread, now that it left its block."""
-        with self._mutex:
-            if plan not in self._orphans or any(lease.users for lease in plan.leases.values()):
-                return
-            self._orphans.discard(plan)
-        try:
-            self._finish(plan, commit=False)
-        finally:
-            for database in {lease.database for lease in plan.leases.values()}:
-                with self._mutex:
-                    conn, database.memory_conn = database.memory_conn, None
-                    if conn is not None:
-                        self._pool.release_slot()
-                if conn is not None:
-                    self._close_connection(database, conn)
-
-    def _finish_leases(self, plan: Plan, leases: list[Lease], *, commit: bool) -> None:
-        """Commit or roll back *leases* (their locks held); release the locks."""
-        committed: list[str] = []
-        error: BaseException | None = None  # the first one; it is what the caller gets
-        try:
-            if commit:
-                error = self._refuse_commit(plan, leases)
-            if not leases:
-                with self._mutex:
-                    self._counts["commits" if commit and error is None else "rollbacks"] += 1
-                    self._plans.settle(plan)
-            last = leases[-1] if leases else None
-            for lease in leases:
-                done = False
-                if commit and error is None:
-                    error, done = self._commit_lease(lease)
-                    if done:
-                        committed.append(lease.resolved.resource)
-                if not done:
-                    error = self._roll_back_lease(lease, error)
-                outcome = None
-                if lease is last:
-                    outcome = "commits" if commit and error is None else "rollbacks"
-                error = self._give_back(lease, outcome, error)
-        finally:
-            for lease in leases:
-                lease.lock.release()
-        if error is None:
-            logger.debug("plan %r %s", plan.plan_id, "released" if commit else "rolled back")
-            return
-        if (
-            commit
-            and committed
-            and (isinstance(error, ResourceError) or len(committed) < len(leases))
-        ):
-            raise PartialCommitError(
-                f"commit failed after {committed!r} were committed; the rest were rolled "
-                f"back: {getattr(error, 'reason', None) or type(error).__name__}",
-                committed=committed,
-                plan_id=plan.plan_id,
-                resource=getattr(error, "resource", None),
-                operation="commit",
-            ) from error
-        raise error
-
-    def _commit_lease(self, lease: Lease) -> tuple[BaseException | None, bool]:
-        """Commit one lease; return the error, if any, and whether it did commit."""
-        try:
-            self._end_lease(lease, commit=True, ended="released")
-        except BaseException as exc:
-            conn = lease.conn
-            # Interrupted (Ctrl-C) just after the COMMIT returned: it did commit.
-            # A connection left with no transaction open says so on every engine
-            # (transaction_lost() answers only where a plan's SQL can end one).
-            interrupted_after = (
-                not isinstance(exc, ResourceError)
-                and conn is not None
-                and lease.database.engine.is_clean(conn)
-            )
-            return exc, interrupted_after
-        return None, True
-
-    def _roll_back_lease(self, lease: Lease, error: BaseException | None) -> BaseException | None:
-        try:
-            self._end_lease(lease, commit=False, ended="rolled back")
-        except BaseException as exc:
-            return error or exc
-        return error
-
-    def _give_back(
-        self, lease: Lease, outcome: str | None, error: BaseException | None
-    ) -> BaseException | None:
-        try:
-            self._checkin(lease, outcome=outcome)
-        except BaseException as exc:
-            return error or exc
-        return error
-
-    def _refuse_commit(self, plan: Plan, leases: list[Lease]) -> ResourceError | None:
-        """Say why *plan* must commit nothing, asking every database before the first COMMIT."""
-        for lease in leases:
-            reason = plan.poisoned
-            if reason is None and lease.conn is not None:
-                reason = lease.database.engine.check_committable(lease.conn)
-            if reason is not None:
-                return ResourceError(
-                    f"nothing was committed: {reason}",
-                    plan_id=plan.plan_id,
-                    resource=lease.resolved.resource,
-                    operation="commit",
-                )
-        return None
-
-    def _end_lease(self, lease: Lease, *, commit: bool, ended: str) -> None:
-        """Commit or roll back one lease's transaction (its lock held).
-
-        The caller gives the connection back with :meth:`_checkin`, except after
-        a failed rollback: the connection's state is then unknown, so it is
-        closed here and never lent again.
-        """
-        lease.ended = lease.ended or ended
-        conn = lease.conn
-        if conn is None:
-            return
-        engine = lease.database.engine
-        try:
-            if commit:
-                engine.commit(conn)
-            else:
-                engine.rollback(conn)
-        except BaseException as exc:
-            if not commit:
-                lease.ended = "broken"
-                self._checkin(lease, broken=True)
-            if isinstance(exc, engine.driver_error):
-                raise self._wrap(exc, lease, "commit" if commit else "rollback", None) from exc
-            raise
-
-    # -- the reaper's callback ------------------------------------------------------
-
-    def _on_deadlines(self, due: list[Any], now: float) -> None:
-        """Reap plans idle past their TTL and close connections idle past ``idle_timeout``."""
-        reaped: list[Plan] = []
-        stale: list[Any] = []
-        with self._mutex:
-            for item in due:
-                if item == "plans":
-                    reaped += self._sweep_plans(now)
-                elif item == "idle":
-                    self._idle_sweep = None
-                    swept, next_due = self._pool.sweep(now)
-                    stale += swept
-                    if next_due is not None:
-                        self._arm_idle_sweep(next_due)
-        for entry in stale:
-            self._close_connection(entry.database, entry.conn)
-        for plan in reaped:
-            logger.warning(
-                "handler %r reaped plan %r: idle longer than checkpoint_ttl (%gs)",
-                self.name,
-                plan.plan_id,
-                plan.ttl,
-            )
-            try:
-                self._finish(plan, commit=False, locked=True)
-            except Exception as exc:  # the other reaped plans must still be finished
-                logger.warning("rolling back reaped plan %r: %s", plan.plan_id, exc)
-
-    def _sweep_plans(self, now: float) -> list[Plan]:
-        """Take the plans idle past their TTL (see PlanTable.sweep); re-arm; hold the mutex."""
-        sweep = self._plan_sweep
-        if sweep is not None and sweep.done:  # handed over: this is it running
-            self._plan_sweep = None
-        reaped, earliest = self._plans.sweep(now)
-        self._counts["reaped"] += len(reaped)
-        if earliest is not None:
-            self._arm_plan_sweep(earliest)
-        return reaped
-
-    def _arm_plan_sweep(self, when: float) -> None:
-        """Make sure the plan sweep runs by *when*; call with the mutex held.
-
-        A plan that ends before the sweep costs the reaper nothing: there is
-        one deadline for all plans, moved earlier only when a plan could expire
-        before it (a first plan, or a shorter ``checkpoint_ttl``).
-        """
-        sweep = self._plan_sweep
-        if sweep is not None and not sweep.done:
-            if sweep.when <= when:
-                return
-            self._reaper.cancel(sweep)
-        self._plan_sweep = self._reaper.schedule(when, "plans")
-
-    def _arm_idle_sweep(self, when: float) -> None:
-        """Make sure the idle sweep runs at *when*, if none is pending; hold the mutex."""
-        if self._idle_sweep is None:
-            self._idle_sweep = self._reaper.schedule(when, "idle")
-
     # -- fork -----------------------------------------------------------------------
 
     def _forget_after_fork(self) -> None:
@@ -1218,17 +755,24 @@ class DatabaseResourceHandler(ResourceHandler):
         _finalize.set_aside(self._finalizer)
         self._reset_state()
 
-    # -- plan events ------------------------------------------------------------------
 
-    @hookimpl
-    def cleveragents_plan_completed(self, plan: Any) -> None:
-        """Commit the completed plan's work."""
-        self.release_plan(plan.id)
+def _poisoned_error(plan: Plan, resource: str, operation: str) -> ResourceError:
+    return ResourceError(
+        f"the plan can no longer commit: {plan.poisoned}; it will be rolled back",
+        plan_id=plan.plan_id,
+        resource=resource,
+        operation=operation,
+    )
 
-    @hookimpl
-    def cleveragents_plan_failed(self, plan: Any) -> None:
-        """Roll back the failed plan's work."""
-        self.rollback_plan(plan.id)
+
+def _not_found(resource: Resource, plan_id: str, checkpoint_id: str) -> CheckpointError:
+    return CheckpointNotFoundError(
+        "no open checkpoint with this label",
+        plan_id=plan_id,
+        checkpoint_id=checkpoint_id,
+        resource=resource.name,
+        operation="rollback_to",
+    )
 
 
 def _databases_in_use(pool: ConnectionPool, plans: PlanTable) -> set[Hashable]:
