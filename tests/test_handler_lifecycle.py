@@ -98,30 +98,6 @@ def test_plans_that_end_in_time_leave_nothing_for_the_reaper(
     assert len(handler._reaper) == 2
 
 
-def test_forgotten_databases_keep_the_bookkeeping_bounded(
-    make_handler: MakeHandler, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    handler = make_handler(max_connections=2)
-    handler._resolver.max_entries = 4
-    held = _database(tmp_path / "held.db", "held", busy_timeout="100ms")
-    handler.create_checkpoint(held, "holder", "a")
-    for index in range(12):
-        resource = _database(tmp_path / f"db{index}.db", f"db{index}")
-        handler.create_checkpoint(resource, f"p{index}", "a")
-        handler.release_plan(f"p{index}")
-    for index in range(12):  # many spellings of one database
-        variant = _database(tmp_path / "shared.db", f"shared{index}", busy_timeout=index + 1)
-        handler.create_checkpoint(variant, "shared", "a")
-        handler.release_plan("shared")
-    assert len(handler._resolver.databases) <= 5
-    assert len(handler._resolver) <= 4
-    # The database a live plan holds was kept, with its write turn.
-    with pytest.raises(ResourceBusyError) as info:
-        handler.create_checkpoint(held, "late", "a")
-    assert info.value.holder == "holder"
-    handler.release_plan("holder")
-
-
 def test_switching_a_locked_file_to_wal_waits_within_busy_timeout(
     make_handler: MakeHandler, tmp_path: Path, rows: Any
 ) -> None:
