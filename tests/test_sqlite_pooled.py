@@ -496,3 +496,31 @@ def test_a_connection_closed_through_the_driver_poisons_the_plan(
     pooled.execute(resource, "q", "INSERT INTO t VALUES ('next')")
     pooled.release_plan("q")
     assert rows(db_path, "SELECT v FROM t") == [("next",)]
+
+
+@pytest.mark.parametrize(
+    "fail",
+    [
+        lambda conn: conn.execute("SELECT abs(?)", (-(2**63),)),
+        lambda conn: conn.cursor().execute("SELECT abs(?)", (-(2**63),)),
+        lambda conn: conn.executemany("INSERT INTO t SELECT abs(?)", [(-(2**63),)]),
+        lambda conn: conn.cursor().executemany("INSERT INTO t SELECT abs(?)", [(-(2**63),)]),
+    ],
+)
+def test_an_error_a_tool_keeps_does_not_keep_the_database_open(
+    make_handler: Callable[..., DatabaseResourceHandler],
+    resource: Resource,
+    db_path: Path,
+    file_fds: Callable[[Path], int],
+    fail: Callable[[sqlite3.Connection], object],
+) -> None:
+    """A statement that failed while running is not held by the error's traceback."""
+    kept: list[BaseException] = []
+    handler = make_handler()
+    with handler.connection(resource, "p") as conn:
+        with pytest.raises(sqlite3.OperationalError, match="integer overflow") as raised:
+            fail(conn)
+        kept.append(raised.value)
+    handler.rollback_plan("p")
+    handler.close()
+    assert file_fds(db_path) == 0

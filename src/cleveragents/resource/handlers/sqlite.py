@@ -208,7 +208,14 @@ class PlanCursor(sqlite3.Cursor):
         conn: PlanConnection = self.connection  # type: ignore[assignment]
         if self.generation != conn.generation or not conn.in_transaction:
             conn.check_lent(self.generation)
-        super().execute(sql, parameters)
+        try:
+            super().execute(sql, parameters)
+        except BaseException:
+            # The frames of a traceback the caller keeps keep their locals: this
+            # one must not keep the cursor's statement, which keeps SQLite's
+            # files open after the connection is closed.
+            del self
+            raise
         if self.description is not None:  # rows to fetch: an open statement
             conn.track(self)
         return self
@@ -216,7 +223,11 @@ class PlanCursor(sqlite3.Cursor):
     def executemany(self, sql: str, seq_of_parameters: Iterable[Any], /) -> Self:
         conn: PlanConnection = self.connection  # type: ignore[assignment]
         conn.check_lent(self.generation)
-        return super().executemany(sql, seq_of_parameters)
+        try:
+            return super().executemany(sql, seq_of_parameters)
+        except BaseException:
+            del self  # as in execute()
+            raise
 
     def executescript(self, sql_script: str, /) -> NoReturn:
         raise ResourceError(_NO_SCRIPTS)
@@ -232,6 +243,27 @@ def _plan_cursor_class(factory: Any) -> type[PlanCursor]:
     if issubclass(factory, PlanCursor):
         return factory
     return cast(type[PlanCursor], type(f"Plan{factory.__name__}", (PlanCursor, factory), {}))
+
+
+class _Guard:
+    """The authorizer SQLite calls: the connection's own check, reached weakly.
+
+    A bound method kept on the connection would make a reference cycle, and a
+    closed connection in one keeps SQLite's files open until the garbage
+    collector runs.
+    """
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: PlanConnection) -> None:
+        self._conn = weakref.ref(conn)
+
+    def __call__(
+        self, action: int, arg1: str | None, arg2: str | None, db: str | None, trigger: str | None
+    ) -> int:
+        conn = self._conn()
+        assert conn is not None  # SQLite asks only while the connection prepares a statement
+        return conn.authorize(action, arg1, arg2, db, trigger)
 
 
 class PlanConnection(PlanConnectionMixin, sqlite3.Connection):
@@ -267,14 +299,15 @@ class PlanConnection(PlanConnectionMixin, sqlite3.Connection):
         self._changed: set[str] = set()  # what a tool changed that check-in puts back
         self._limits: dict[int, int] = {}  # limits a tool changed, with their old values
         self._tool_authorizer: Authorizer | None = None
-        self._guard = self._authorize  # one object, so its reference count tells
+        self._guard = _Guard(self)  # one object, so its reference count tells
         _set_authorizer(self, self._guard)
 
     # -- the guard ------------------------------------------------------------------
 
-    def _authorize(
+    def authorize(
         self, action: int, arg1: str | None, arg2: str | None, db: str | None, trigger: str | None
     ) -> int:
+        """Answer SQLite's question whether the statement being prepared may do *action*."""
         if self.handler_statement:
             return sqlite3.SQLITE_OK
         if not self.in_transaction:
@@ -427,7 +460,11 @@ class PlanConnection(PlanConnectionMixin, sqlite3.Connection):
             self.check_lent()
         cursor = _cursor(self, PlanCursor)
         cursor.generation = self.generation
-        _cursor_execute(cursor, sql, parameters)
+        try:
+            _cursor_execute(cursor, sql, parameters)
+        except BaseException:
+            del cursor  # as in PlanCursor.execute()
+            raise
         if cursor.description is not None:
             self.track(cursor)
         return cursor
@@ -435,7 +472,11 @@ class PlanConnection(PlanConnectionMixin, sqlite3.Connection):
     def executemany(self, sql: str, parameters: Iterable[Any], /) -> PlanCursor:
         cursor = _cursor(self, PlanCursor)
         cursor.generation = self.generation
-        return cursor.executemany(sql, parameters)
+        try:
+            return cursor.executemany(sql, parameters)
+        except BaseException:
+            del cursor  # as in PlanCursor.execute()
+            raise
 
     def executescript(self, sql_script: str, /) -> NoReturn:
         raise ResourceError(_NO_SCRIPTS)
