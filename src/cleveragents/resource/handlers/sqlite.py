@@ -79,6 +79,7 @@ _execute = sqlite3.Connection.execute
 _cursor = sqlite3.Connection.cursor
 _cursor_execute = sqlite3.Cursor.execute
 _set_authorizer = sqlite3.Connection.set_authorizer
+_getrefcount = sys.getrefcount
 
 # What a plan's SQL may not do: end or split the plan's transaction, or open
 # other database files (ATTACH would escape the allowed folders).
@@ -280,6 +281,23 @@ class PlanConnection(PlanConnectionMixin, sqlite3.Connection):
     replaced, when the plan gives it back.
     """
 
+    # Slots: these are read and set on every plan's path, and a slot is quicker.
+    __slots__ = (
+        "_changed",
+        "_guard",
+        "_handles",
+        "_limits",
+        "_prune_at",
+        "_tool_authorizer",
+        "_unguarded",
+        "generation",
+        "lent",
+        "lost",
+        "memory",
+        "refused",
+        "unfit",
+    )
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.refused: tuple[str, str] | None = None  # what the authorizer last refused, why
@@ -293,7 +311,8 @@ class PlanConnection(PlanConnectionMixin, sqlite3.Connection):
         #: Whether it is a ``:memory:`` database: never replaced, so never made unfit.
         self.memory = False
         self._unguarded = False  # the handler's authorizer was taken off it
-        self._lost = False  # the plan's transaction is gone (statements expired once)
+        #: Whether the plan's transaction is known to be gone (statements expired once).
+        self.lost = False
         self._handles: list[weakref.ref[Any]] = []  # open cursors and blobs of the plan
         self._prune_at = 64
         self._changed: set[str] = set()  # what a tool changed that check-in puts back
@@ -328,10 +347,16 @@ class PlanConnection(PlanConnectionMixin, sqlite3.Connection):
 
     def _guard_intact(self) -> bool:
         """Whether the handler's authorizer is still SQLite's (it cannot be read back)."""
-        return sys.getrefcount(self._guard) == _GUARD_REFS
+        return _getrefcount(self._guard) == _GUARD_REFS
 
     def _expire_statements(self) -> None:
-        """Make SQLite prepare every cached statement again, through the authorizer."""
+        """Make SQLite prepare every cached statement again, through the authorizer.
+
+        It sets the handler's authorizer again, so first it notes whether
+        someone had taken it off.
+        """
+        if not self._guard_intact():
+            self._unguarded = True
         _set_authorizer(self, self._guard)
 
     def trouble(self) -> str | None:
@@ -340,13 +365,14 @@ class PlanConnection(PlanConnectionMixin, sqlite3.Connection):
         :raises sqlite3.ProgrammingError: the connection was closed.
         """
         in_transaction = self.in_transaction
-        if self._unguarded or not self._guard_intact():
+        if not self._guard_intact():
             self._unguarded = True
+        if self._unguarded:
             return _GUARD_REMOVED
         if in_transaction:
             return None
-        if not self._lost:
-            self._lost = True
+        if not self.lost:
+            self.lost = True
             self._expire_statements()  # cached statements cannot run unchecked any more
         return LOST
 
@@ -378,28 +404,22 @@ class PlanConnection(PlanConnectionMixin, sqlite3.Connection):
         finally:
             self.handler_statement = False
 
-    def lend(self) -> None:
-        """Mark the connection as the plan's, once its transaction began."""
-        self.lent = True
-        self._lost = False
-        self.generation += 1
-
-    def end_plan(self) -> None:
-        """Stop lending: close the plan's open cursors and blobs, so nothing holds a snapshot."""
-        self.lent = False
-        self.generation += 1
-        if self._handles:
-            handles, self._handles = self._handles, []
-            for ref in handles:
-                handle = ref()
-                if handle is not None:
-                    handle.close()
+    def close_handles(self) -> None:
+        """Close the plan's open cursors and blobs, so nothing holds a snapshot or a statement."""
+        handles, self._handles = self._handles, []
+        for ref in handles:
+            handle = ref()
+            if handle is not None:
+                handle.close()
 
     def back_to_pool(self) -> bool:
         """Undo what the plan left on the connection; return whether it may be lent again."""
         if self.in_transaction:
             return False
-        self.end_plan()
+        self.lent = False
+        self.generation += 1  # the plan's cursors run nothing more
+        if self._handles:
+            self.close_handles()
         if self.row_factory is not None:
             self.row_factory = None
         if self.text_factory is not str:
@@ -408,7 +428,9 @@ class PlanConnection(PlanConnectionMixin, sqlite3.Connection):
             self.isolation_level = None
         if self._changed and not self._put_back():
             return False
-        return self.unfit is None and not self._unguarded and self._guard_intact()
+        return (
+            self.unfit is None and not self._unguarded and _getrefcount(self._guard) == _GUARD_REFS
+        )
 
     def _put_back(self) -> bool:
         """Undo a tool's changes to the connection and drop TEMP objects (the rare path)."""
@@ -648,32 +670,34 @@ class SQLiteEngine(Engine):
             if getattr(exc, "sqlite_errorcode", None) == _BUSY_SNAPSHOT:
                 conn.unfit = "a statement left open on it holds an old snapshot"
             raise
-        conn.lend()
+        # What lending the connection means, inline: this is on every plan's path.
+        conn.lent = True
+        conn.lost = False
+        conn.generation += 1
 
     def savepoint(self, conn: PlanConnection, name: str) -> None:
         # In autocommit mode SAVEPOINT would begin a new transaction, which the
-        # handler would then take for the plan's and commit.
-        self._check_transaction(conn)
+        # handler would then take for the plan's and commit. (A driver error, so
+        # the handler names the plan, checkpoint and database.)
+        if not conn.in_transaction:
+            raise sqlite3.OperationalError(LOST)
         conn.own(f'{_OWN}SAVEPOINT "{name}"')
 
     def rollback_to(self, conn: PlanConnection, name: str) -> None:
-        self._check_transaction(conn)
+        if not conn.in_transaction:
+            raise sqlite3.OperationalError(LOST)
         conn.own(f'{_OWN}ROLLBACK TO "{name}"')
 
-    @staticmethod
-    def _check_transaction(conn: PlanConnection) -> None:
-        if not conn.in_transaction:
-            # A driver error, so the handler names the plan, checkpoint and database.
-            raise sqlite3.OperationalError(LOST)
-
     def commit(self, conn: PlanConnection) -> None:
-        conn.end_plan()  # a statement still open would make COMMIT fail as busy
+        if conn._handles:
+            conn.close_handles()  # a statement still open would make COMMIT fail as busy
         conn.own(_COMMIT)
         if conn.memory:
             self._reset_memory(conn)
 
     def rollback(self, conn: PlanConnection) -> None:
-        conn.end_plan()
+        if conn._handles:
+            conn.close_handles()
         # A failed statement (e.g. an interrupt) can already have ended the
         # transaction; ROLLBACK would then fail with "no transaction is active".
         if conn.in_transaction:
@@ -691,8 +715,8 @@ class SQLiteEngine(Engine):
         if not conn.back_to_pool():
             logger.warning("a plan left something behind on a ':memory:' database it shares")
         if conn._unguarded or not conn._guard_intact():
-            conn._unguarded = False
             conn._expire_statements()  # the guard back, for the plans after this one
+            conn._unguarded = False
 
     def execute(
         self,
@@ -718,12 +742,14 @@ class SQLiteEngine(Engine):
 
     def transaction_lost(self, conn: PlanConnection) -> str | None:
         try:
+            # The answer on every plan's path, without a call: still inside, still guarded.
+            if conn.in_transaction and _getrefcount(conn._guard) == _GUARD_REFS:
+                return None
             return conn.trouble()
         except sqlite3.ProgrammingError:  # closed by sqlite3.Connection.close(conn)
             return _CLOSED
 
-    def check_committable(self, conn: PlanConnection) -> str | None:
-        return self.transaction_lost(conn)
+    check_committable = transaction_lost
 
     def is_clean(self, conn: PlanConnection) -> bool:
         try:
