@@ -152,12 +152,15 @@ def test_a_checkpoint_after_the_loss_does_not_begin_a_new_transaction(
     Here the transaction ends outside any ``connection()`` block (a tool kept
     the connection and used it later), so the handler has not been told yet.
     """
+    handler.create_checkpoint(resource, "p", "start")
     with handler.connection(resource, "p") as kept:
         kept.execute("INSERT INTO t VALUES ('before')")
     with pytest.raises(sqlite3.IntegrityError):
         kept.execute("INSERT OR ROLLBACK INTO u VALUES (1)")
     with pytest.raises(ResourceError, match=r"create_checkpoint failed .*SQLite rolled back"):
         handler.create_checkpoint(resource, "p", "after")
+    with pytest.raises(ResourceError, match=r"rollback_to failed .*SQLite rolled back"):
+        handler.rollback_to(resource, "p", "start")
     with pytest.raises(ResourceError, match="SQLite rolled back"):
         handler.execute(resource, "p", "INSERT INTO t VALUES ('after')")
     with pytest.raises(ResourceError, match="nothing was committed"):

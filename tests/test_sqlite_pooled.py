@@ -175,6 +175,7 @@ def test_sql_functions_a_tool_defined_do_not_reach_the_next_plan(
     define, query, honest = DEFINITIONS[definition]
     with pooled.connection(resource, "first") as conn:
         define(conn)
+        define(conn)  # twice is as once
         assert conn.execute(query).fetchall() != honest  # the tool's own plan uses it
         first = conn
     pooled.release_plan("first")
@@ -186,33 +187,45 @@ def test_sql_functions_a_tool_defined_do_not_reach_the_next_plan(
     assert pooled.stats().open_connections == 1
 
 
-def test_callbacks_limits_and_a_tools_authorizer_are_put_back(
-    pooled: DatabaseResourceHandler, resource: Resource, db_path: Path, rows: Rows
+def _deny_inserts(action: int, *rest: object) -> int:
+    return sqlite3.SQLITE_DENY if action == sqlite3.SQLITE_INSERT else sqlite3.SQLITE_OK
+
+
+# What a tool may set on its connection: each would watch, or refuse, the next plan's INSERT.
+SETTINGS: dict[str, Callable[[sqlite3.Connection], object]] = {
+    "progress handler": lambda conn: conn.set_progress_handler(lambda: _watch("progress"), 1),
+    "trace callback": lambda conn: conn.set_trace_callback(_watch),
+    "limit": lambda conn: (
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 20),
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 10),
+    ),
+    "authorizer": lambda conn: conn.set_authorizer(_deny_inserts),
+    "isolation level": lambda conn: setattr(conn, "isolation_level", "DEFERRED"),
+}
+TRACED: list[str] = []
+
+
+def _watch(what: str) -> None:
+    TRACED.append(what)
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_what_a_tool_sets_on_its_connection_is_put_back(
+    pooled: DatabaseResourceHandler, resource: Resource, db_path: Path, rows: Rows, setting: str
 ) -> None:
-    traced: list[str] = []
-    progressed: list[int] = []
     with pooled.connection(resource, "first") as conn:
-        conn.set_trace_callback(traced.append)
-        conn.set_progress_handler(lambda: progressed.append(1), 1)
-        assert conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 10) > 10
-        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 20)
-        conn.set_authorizer(
-            lambda action, *rest: (
-                sqlite3.SQLITE_DENY if action == sqlite3.SQLITE_INSERT else sqlite3.SQLITE_OK
-            )
-        )
-        with pytest.raises(sqlite3.DatabaseError, match="not authorized"):
-            conn.execute("INSERT INTO t VALUES ('x')")
+        SETTINGS[setting](conn)
         first = conn
-    pooled.release_plan("first")
-    seen = (len(traced), len(progressed))
+    pooled.rollback_plan("first")  # the handler's ROLLBACK runs whatever the tool set
+    TRACED.clear()
 
     with pooled.connection(resource, "second") as conn:
-        assert conn is first
+        assert conn is first  # the same connection, put back
+        assert conn.isolation_level is None
         conn.execute("INSERT INTO t VALUES (?)", ("longer than the tool's limit of ten",))
     pooled.release_plan("second")
     assert rows(db_path, "SELECT v FROM t") == [("longer than the tool's limit of ten",)]
-    assert (len(traced), len(progressed)) == seen
+    assert TRACED == []  # the next plan's statements are nobody's to watch
 
 
 # -- a tool's own authorizer (issue 14, item 2) ---------------------------------------------
@@ -392,6 +405,25 @@ def test_temp_objects_of_a_plan_do_not_outlive_it(
             conn.execute("INSERT INTO t VALUES (?)", (round_,))
         pooled.release_plan(f"second-{round_}")
     assert rows(db_path, "SELECT v FROM t ORDER BY v") == [("1",), ("2",)]
+
+
+def test_temp_objects_that_cannot_be_dropped_take_their_connection_with_them(
+    pooled: DatabaseResourceHandler, resource: Resource, db_path: Path, rows: Rows
+) -> None:
+    """A statement still reading a TEMP table keeps SQLite from dropping it: replace."""
+    with pooled.connection(resource, "first") as conn:
+        conn.execute("CREATE TEMP TABLE t (v TEXT)")
+        conn.execute("INSERT INTO temp.t VALUES ('a'), ('b')")
+        reader = sqlite3.Cursor(conn).execute("SELECT v FROM temp.t")  # not the plan's to close
+        assert reader.fetchone() == ("a",)
+        first = conn
+    pooled.release_plan("first")
+
+    with pooled.connection(resource, "second") as conn:
+        assert conn is not first
+        conn.execute("INSERT INTO t VALUES ('second')")
+    pooled.release_plan("second")
+    assert rows(db_path, "SELECT v FROM t") == [("second",)]
 
 
 # -- a ':memory:' database: one connection shared by its plans ---------------------------

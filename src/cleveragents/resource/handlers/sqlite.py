@@ -71,7 +71,6 @@ _BEGIN_DEFERRED = _OWN + "BEGIN DEFERRED"
 _COMMIT = _OWN + "COMMIT"
 _ROLLBACK = _OWN + "ROLLBACK"
 _TEMP_STORE = _OWN + "PRAGMA temp_store"
-_TEMP_OBJECTS = _OWN + "SELECT count(*) FROM temp.sqlite_master"
 
 # The driver's own methods, for the handler's statements and for plan SQL that
 # was checked already (the lent connection's overrides would check again).
@@ -417,25 +416,26 @@ class PlanConnection(PlanConnectionMixin, sqlite3.Connection):
         if self.in_transaction:
             return False
         self.lent = False
-        self.generation += 1  # the plan's cursors run nothing more
-        if self._handles:
-            self.close_handles()
+        self.generation += 1  # the plan's cursors run nothing more (commit closed them)
         if self.row_factory is not None:
             self.row_factory = None
         if self.text_factory is not str:
             self.text_factory = str
         if self.isolation_level is not None:
             self.isolation_level = None
-        if self._changed and not self._put_back():
-            return False
+        if self._changed:
+            self._put_back()
         return (
             self.unfit is None and not self._unguarded and _getrefcount(self._guard) == _GUARD_REFS
         )
 
-    def _put_back(self) -> bool:
-        """Undo a tool's changes to the connection and drop TEMP objects (the rare path)."""
+    def _put_back(self) -> None:
+        """Undo a tool's changes to the connection and drop TEMP objects (the rare path).
+
+        :raises sqlite3.Error: something could not be undone; the connection must go.
+        """
         changed, self._changed = self._changed, set()
-        if self._tool_authorizer is not None or "authorizer" in changed:
+        if "authorizer" in changed:
             # Statements prepared under the tool's rules (SQLITE_IGNORE reads NULL)
             # must not be reused under the handler's alone.
             self._tool_authorizer = None
@@ -444,29 +444,27 @@ class PlanConnection(PlanConnectionMixin, sqlite3.Connection):
             sqlite3.Connection.set_progress_handler(self, None, 0)
         if "trace" in changed:
             sqlite3.Connection.set_trace_callback(self, None)
-        for category, limit in self._limits.items():
-            sqlite3.Connection.setlimit(self, category, limit)
-        self._limits.clear()
+        if "limits" in changed:
+            for category, limit in self._limits.items():
+                sqlite3.Connection.setlimit(self, category, limit)
+            self._limits.clear()
         if "temp" in changed:
-            return self._drop_temp()
-        return True
+            self._drop_temp()
 
-    def _drop_temp(self) -> bool:
-        """Drop every TEMP table, view, index and trigger; return whether none is left.
+    def _drop_temp(self) -> None:
+        """Drop every TEMP table, view, index and trigger.
 
-        SQLite deletes them all when ``temp_store`` changes, so it is changed
-        and set back.
+        SQLite deletes them all whenever ``temp_store`` changes (it fails instead
+        while a statement still reads one), so it is changed and set back.
         """
         self.handler_statement = True
         try:
             (store,) = _execute(self, _TEMP_STORE).fetchone()
             _execute(self, f"{_TEMP_STORE} = {2 if store != 2 else 1}")
             _execute(self, f"{_TEMP_STORE} = {store}")
-            (left,) = _execute(self, _TEMP_OBJECTS).fetchone()
         finally:
             self.handler_statement = False
         self._expire_statements()  # a cached CREATE TEMP is noticed again next time
-        return bool(left == 0)
 
     # -- what a tool may call -----------------------------------------------------------
 
@@ -547,6 +545,7 @@ class PlanConnection(PlanConnectionMixin, sqlite3.Connection):
         self.check_lent()
         old = super().setlimit(category, limit)
         self._limits.setdefault(category, old)
+        self._changed.add("limits")
         return old
 
     # SQL functions and collations cannot be taken off a connection again with
@@ -705,14 +704,13 @@ class SQLiteEngine(Engine):
         if conn.memory:
             self._reset_memory(conn)
 
-    @staticmethod
-    def _reset_memory(conn: PlanConnection) -> None:
+    def _reset_memory(self, conn: PlanConnection) -> None:
         """Put back what a plan left on a ``:memory:`` connection, which the handler keeps.
 
         The handler never checks such a connection in (its database would go
         with it), so the reset :meth:`is_clean` does happens here.
         """
-        if not conn.back_to_pool():
+        if not self.is_clean(conn):
             logger.warning("a plan left something behind on a ':memory:' database it shares")
         if conn._unguarded or not conn._guard_intact():
             conn._expire_statements()  # the guard back, for the plans after this one
