@@ -21,10 +21,12 @@ the plan inside that transaction, and the next plan free of this one:
   TEMP objects, and has the connection closed and replaced when it cannot be
   sure (a tool's SQL function, the authorizer taken off it).
 
-Python code that calls ``sqlite3.Connection``'s methods unbound on the lent
-object (``sqlite3.Cursor(conn).execute(...)``) gets past the method checks;
-such code could as well open the file itself, so only what the authorizer and
-check-in see is guaranteed against it.
+What is left to Python code that means to get past it (it could as well open
+the file itself): calling ``sqlite3.Connection``'s methods unbound on the lent
+object skips the method checks, so such a call can re-run a cached statement
+after the transaction ended, until the handler learns of it at the end of the
+block; and the same object is the next plan's connection, so a reference kept
+past a plan is that plan's connection while it lasts (its cursors are not).
 """
 
 from __future__ import annotations
