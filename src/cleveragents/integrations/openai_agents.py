@@ -50,6 +50,7 @@ except ImportError as exc:
 from cleveragents.errors import ResourceError, ToolError
 from cleveragents.resource.base import Resource
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
+from cleveragents.telemetry import closes_plan_span, opens_plan_span
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +257,7 @@ class AgentPlan:
 
     # -- the plan's lifetime ----------------------------------------------------------
 
+    @opens_plan_span
     async def __aenter__(self) -> AgentPlan:
         with self._gate:
             if self._state != "new":
@@ -263,6 +265,7 @@ class AgentPlan:
             self._state = "open"
         return self
 
+    @closes_plan_span
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,

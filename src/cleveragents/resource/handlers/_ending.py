@@ -74,9 +74,15 @@ class EndingMixin(ConnectionsMixin):
         leases = list(plan.leases.values())
         if not locked and not self._lock_leases(plan, leases, wait_until):
             return
+        error: BaseException | None = None
         try:
             self._finish_leases(plan, leases, commit=commit)
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
+            if self._telemetry is not None:
+                self._telemetry.plan_ended(plan, commit=commit, error=error, closing=self._closed)
             if plan.state is not PlanState.SETTLED:  # normally the last check-in did it
                 with self._mutex:
                     self._plans.settle(plan)
@@ -235,18 +241,24 @@ class EndingMixin(ConnectionsMixin):
         if conn is None:
             return
         engine = lease.database.engine
+        telemetry = self._telemetry
+        started = time.monotonic() if telemetry is not None else 0.0
         try:
             if commit:
                 engine.commit(conn)
             else:
                 engine.rollback(conn)
         except BaseException as exc:
+            if telemetry is not None:
+                telemetry.lease_ended(lease, commit, started, exc)
             if not commit:
                 lease.ended = "broken"
                 self._checkin(lease, broken=True)
             if isinstance(exc, engine.driver_error):
                 raise self._wrap(exc, lease, "commit" if commit else "rollback", None) from exc
             raise
+        if telemetry is not None:
+            telemetry.lease_ended(lease, commit, started, None)
 
     # -- the reaper's callback ------------------------------------------------------
 
