@@ -52,6 +52,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 import cleveragents
 from cleveragents import telemetry
+from cleveragents._run_spans import for_runtime
 from cleveragents.errors import (
     CheckpointEvictedError,
     CheckpointExpiredError,
@@ -1121,7 +1122,7 @@ def test_a_plan_span_opened_elsewhere_is_recorded_into_once(
     first, second = make_handler(name="one"), make_handler(name="two")
     res, other = sqlite_resource(tmp_path), sqlite_resource(tmp_path, "other.db")
     memory = Resource("m", "database", engine="sqlite", location=":memory:")
-    recorder = telemetry.for_runtime(otel.tracer_provider)
+    recorder = for_runtime(otel.tracer_provider)
     assert recorder is not None
 
     def run() -> int:
@@ -1155,7 +1156,7 @@ def test_a_plan_span_opened_elsewhere_is_recorded_into_once(
 
 
 def test_a_plan_span_finished_in_another_context_still_ends(otel: Otel) -> None:
-    recorder = telemetry.for_runtime(otel.tracer_provider)
+    recorder = for_runtime(otel.tracer_provider)
     assert recorder is not None
 
     def open_here_finish_elsewhere() -> None:

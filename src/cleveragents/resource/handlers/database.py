@@ -70,7 +70,7 @@ from cleveragents.resource.base import (
 from cleveragents.resource.handlers import _finalize
 from cleveragents.resource.handlers._databases import Resolved, Resolver
 from cleveragents.resource.handlers._ending import EndingMixin
-from cleveragents.resource.handlers._plans import Endings, Lease, Plan, PlanState, PlanTable
+from cleveragents.resource.handlers._plans import Endings, Lease, Plan, PlanTable
 from cleveragents.resource.handlers._pool import ConnectionPool
 from cleveragents.resource.handlers._settings import (
     ACQUIRE_TIMEOUT,
@@ -156,11 +156,14 @@ class _Lending:
         tb: TracebackType | None,
     ) -> None:
         lease, self._lease = self._lease, None
-        if lease is not None:
-            try:
+        if lease is None:
+            return
+        conn = lease.conn
+        try:
+            if exc is not None or conn is None or lease.database.engine.transaction_lost(conn):
                 self._handler._after_plan_sql(lease, exc, "connection")
-            finally:
-                self._handler._leave(lease)
+        finally:
+            self._handler._leave(lease)
 
 
 @final
@@ -205,7 +208,6 @@ class DatabaseResourceHandler(EndingMixin, ResourceHandler):
         self.name = name or f"database-{next(_handler_ids)}"
         self.config = config
         self._closed = False
-        # None: the global providers, through the API's proxies (see telemetry.py).
         self._providers = {"tracer_provider": tracer_provider, "meter_provider": meter_provider}
         self._reset_state()
         logger.debug("handler %r created: %s", self.name, config)
@@ -549,12 +551,19 @@ class DatabaseResourceHandler(EndingMixin, ResourceHandler):
         check_label("plan_id", plan_id)
         if not isinstance(resource, Resource):
             raise TypeError(f"expected a Resource, got {resource!r}")
-        known, resolved = self._resolver.lookup(resource)
+        # What the resource resolved to before, looked up without the mutex.
+        known = self._resolver.by_id.get(id(resource))
+        resolved = known[1] if known is not None else self._resolver.by_value.get(resource)
         plan = self._plans.get(plan_id)
         if plan is not None and resolved is not None and not self._closed:
             lease = plan.leases.get(resolved.database.identity)
-            if lease is not None and self._hold(lease, resource, operation):
-                return (lease, False) if create else lease
+            if lease is not None:  # self._hold(lease, ...), inline: the path every call takes
+                lease.lock.acquire()
+                if lease.ended is None and lease.conn is not None and plan.poisoned is None:
+                    plan.last_used = time.monotonic()
+                    lease.users += 1
+                    return (lease, False) if create else lease
+                lease.lock.release()
         while True:
             with self._mutex:
                 lease, made = self._find_or_make_lease(resource, plan_id, operation, known, create)
@@ -744,32 +753,6 @@ class DatabaseResourceHandler(EndingMixin, ResourceHandler):
             getattr(engine, action)(lease.conn, *args)
         except engine.driver_error as exc:
             raise self._wrap(exc, lease, operation, checkpoint_id) from exc
-
-    def _abandon(self, lease: Lease, error: BaseException) -> None:
-        """Undo a lease this call made, which raised *error*: roll back, give back, forget it.
-
-        A plan left with no lease (its first call failed) ends here, unless
-        another thread took it out to finish it meanwhile.
-        """
-        ended = False
-        try:
-            self._end_lease(lease, commit=False, ended="failed")
-        except ResourceError as exc:
-            logger.debug("abandoning lease of plan %r: %s", lease.plan.plan_id, exc)
-        finally:
-            lease.users -= 1
-            try:
-                self._checkin(lease)
-            finally:
-                with self._mutex:
-                    plan = lease.plan
-                    if plan.leases.get(lease.database.identity) is lease:
-                        del plan.leases[lease.database.identity]
-                    ended = not plan.leases and plan.state is PlanState.ACTIVE
-                    self._plans.forget(plan)
-                lease.lock.release()
-                if self._telemetry is not None:
-                    self._telemetry.lease_abandoned(plan, error, plan_ended=ended)
 
     # -- fork -----------------------------------------------------------------------
 
