@@ -12,6 +12,11 @@ commit) through one handler. A process times three rounds and keeps the best
 round's time per plan. The cases run in turns, five times, the order reversed
 every other turn; a ratio is the median over the five turns of case / off.
 
+Time is the process's CPU time (user + system), which other processes on a
+busy machine do not inflate, and the loop never waits (WAL with
+``synchronous=normal`` does not sync at commit); wall-clock figures are
+reported beside it.
+
 - ``off``: ``opentelemetry`` cannot be imported (an import hook refuses it),
   so the handler records nothing and imports none of it;
 - ``api``: the API imports, no SDK is configured: what every user who has the
@@ -82,20 +87,26 @@ def child(case: str, plans: int, folder: str) -> dict[str, Any]:
         location=os.path.join(folder, f"{case}.db"),
         synchronous="normal",
     )
-    times: list[float] = []
+    cpu: list[float] = []
+    wall: list[float] = []
     with DatabaseResourceHandler() as handler:
         handler.execute(resource, "schema", "CREATE TABLE IF NOT EXISTS t (n INTEGER)")
         handler.release_plan("schema")
         for _ in range(ROUNDS):
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             for n in range(plans):
                 plan_id = f"plan-{n}"
                 handler.create_checkpoint(resource, plan_id, "start")
                 handler.execute(resource, plan_id, "INSERT INTO t (n) VALUES (?)", (n,))
                 handler.release_plan(plan_id)
-            times.append((time.perf_counter() - started) / plans)
-    recording = any(name.startswith("opentelemetry") for name in sys.modules)
-    return {"case": case, "per_plan_us": min(times) * 1e6, "opentelemetry_imported": recording}
+            cpu.append((time.process_time() - started_cpu) / plans)
+            wall.append((time.perf_counter() - started) / plans)
+    return {
+        "case": case,
+        "cpu_us": min(cpu) * 1e6,
+        "wall_us": min(wall) * 1e6,
+        "opentelemetry_imported": any(name.startswith("opentelemetry") for name in sys.modules),
+    }
 
 
 def _run_child(case: str, plans: int, folder: Path) -> dict[str, Any]:
@@ -111,34 +122,43 @@ def _run_child(case: str, plans: int, folder: Path) -> dict[str, Any]:
 
 def measure(plans: int) -> dict[str, Any]:
     """Run every case TURNS times in alternating order; return times and median ratios."""
-    per_case: dict[str, list[float]] = {case: [] for case in CASES}
+    runs: dict[str, dict[str, list[float]]] = {
+        clock: {case: [] for case in CASES} for clock in ("cpu_us", "wall_us")
+    }
     imported: dict[str, bool] = {}
     for turn in range(TURNS):
         order = CASES if turn % 2 == 0 else tuple(reversed(CASES))
         with tempfile.TemporaryDirectory(prefix="bench-otel-") as folder:
             for case in order:
                 result = _run_child(case, plans, Path(folder))
-                per_case[case].append(result["per_plan_us"])
+                for clock, per_case in runs.items():
+                    per_case[case].append(result[clock])
                 imported[case] = result["opentelemetry_imported"]
-    ratios = {
-        case: statistics.median(
-            mine / off for mine, off in zip(per_case[case], per_case["off"], strict=True)
-        )
-        for case in CASES
-        if case != "off"
-    }
+
+    def ratios(per_case: dict[str, list[float]]) -> dict[str, float]:
+        return {
+            case: statistics.median(
+                mine / off for mine, off in zip(per_case[case], per_case["off"], strict=True)
+            )
+            for case in CASES
+            if case != "off"
+        }
+
+    cpu, wall = ratios(runs["cpu_us"]), ratios(runs["wall_us"])
     return {
         "python": platform.python_version(),
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
         "plans_per_round": plans,
         "rounds": ROUNDS,
         "turns": TURNS,
-        "per_plan_us": {case: statistics.median(times) for case, times in per_case.items()},
-        "runs_us": per_case,
-        "ratio_to_off": ratios,
+        "cpu_us": {case: statistics.median(times) for case, times in runs["cpu_us"].items()},
+        "wall_us": {case: statistics.median(times) for case, times in runs["wall_us"].items()},
+        "runs": runs,
+        "ratio_to_off": cpu,
+        "wall_ratio_to_off": wall,
         "opentelemetry_imported": imported,
         "budget": BUDGET,
-        "within_budget": ratios["api"] <= BUDGET,
+        "within_budget": cpu["api"] <= BUDGET,
     }
 
 
@@ -158,13 +178,17 @@ def main() -> int:
         return 0
     print(f"one-row plans, SQLite WAL synchronous=normal, {report['machine']}")
     print(f"best of {ROUNDS} rounds of {args.plans} plans per run, median of {TURNS} turns")
-    print(f"{'case':<6} {'µs/plan':>9} {'ratio to off':>13}  runs (µs/plan)")
+    print(f"{'case':<6} {'CPU µs/plan':>12} {'ratio':>7} {'wall µs/plan':>13} {'ratio':>7}")
     for case in CASES:
-        ratio = report["ratio_to_off"].get(case, 1.0)
-        runs = " ".join(f"{value:.1f}" for value in report["runs_us"][case])
-        print(f"{case:<6} {report['per_plan_us'][case]:>9.2f} {ratio:>13.3f}  {runs}")
+        print(
+            f"{case:<6} {report['cpu_us'][case]:>12.2f} "
+            f"{report['ratio_to_off'].get(case, 1.0):>7.3f} "
+            f"{report['wall_us'][case]:>13.2f} {report['wall_ratio_to_off'].get(case, 1.0):>7.3f}"
+        )
     verdict = "within" if report["within_budget"] else "OVER"
-    print(f"api / off = {report['ratio_to_off']['api']:.3f}: {verdict} the budget of {BUDGET}")
+    print(
+        f"api / off = {report['ratio_to_off']['api']:.3f} (CPU): {verdict} the budget of {BUDGET}"
+    )
     return 0 if report["within_budget"] else 1
 
 

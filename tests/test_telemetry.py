@@ -1407,3 +1407,29 @@ def test_with_a_bridge_the_plan_span_nests_under_the_sdks_tool_span(
     assert [name for name, _ in event_attributes(otel.span("sub-plan"))] == [
         "cleveragents.checkpoint"
     ]
+
+
+def test_a_plan_span_its_opener_ended_first_is_left_alone(
+    otel: Otel, make_handler: Callable[..., DatabaseResourceHandler], tmp_path: Path
+) -> None:
+    handler = make_handler()
+    res = sqlite_resource(tmp_path)
+    recorder = for_runtime(otel.tracer_provider)
+    assert recorder is not None
+
+    def run() -> None:
+        opened = recorder.open_plan("p")
+        handler.create_checkpoint(res, "p", "a")
+        opened.finish(committed=True)  # too early: the plan goes on in the handler
+        handler.create_checkpoint(res, "p", "b")
+        handler.release_plan("p")
+
+    contextvars.copy_context().run(run)
+    span = otel.span("p")
+    assert dict(span.attributes) == {"cleveragents.plan.id": "p"}  # ended before the plan did
+    assert [
+        dict(event.attributes or {})["cleveragents.checkpoint.id"] for event in span.events
+    ] == ["a"]
+    assert otel.points("cleveragents.plans") == {
+        frozenset({("cleveragents.plan.outcome", "committed")}): 1
+    }

@@ -426,13 +426,16 @@ class HandlerTelemetry:
             plan = lease.plan
             open_plan = _OPEN_PLAN.get()
             if open_plan is not None and open_plan.claim(plan.plan_id, self):
-                plan.span = open_plan.span
+                span = open_plan.span
             else:
                 span = self._tracer.start_span(PLAN_SPAN)
-                if span.is_recording():
+                plan.owns_span = True
+            # Only a recording span is kept (a no-op one needs no end): with no
+            # SDK, every later hook skips the span with one test.
+            if span.is_recording():
+                if plan.owns_span:
                     span.set_attribute(PLAN_ID, plan.plan_id)
                 plan.span = span
-                plan.owns_span = True
         if lease.conn is not None:  # an idle connection was at hand: no wait
             self._instruments.wait_time.record(0.0, self.pool_attributes)
 
@@ -455,7 +458,7 @@ class HandlerTelemetry:
         if isinstance(error, PoolExhaustedError):
             self._instruments.timeouts.add(1, self.pool_attributes)
         if plan_ended:
-            self.plan_ended(plan, commit=False, error=error)
+            self.plan_ended(plan, False, error)
 
     def checkpoint(self, lease: Lease, checkpoint_id: str) -> None:
         """The plan took a checkpoint on *lease*'s database."""
@@ -488,7 +491,7 @@ class HandlerTelemetry:
         instruments.use_time.record(now - lease.since, self.pool_attributes)
 
     def plan_ended(
-        self, plan: Plan, *, commit: bool, error: BaseException | None, closing: bool = False
+        self, plan: Plan, commit: bool, error: BaseException | None, closing: bool = False
     ) -> None:
         """The plan ended: released, rolled back, reaped, evicted, closed, or its first call failed.
 
@@ -508,10 +511,11 @@ class HandlerTelemetry:
         # Set by lease_made() while the first lease's lock was held, before
         # anything could end the plan; taken here, by the one call that ends it.
         span, plan.span = plan.span, None
-        if span.is_recording():
-            self._record_end(span, plan, outcome=outcome, error=error, closing=closing, now=now)
-        if plan.owns_span:
-            span.end()
+        if span is not None:
+            if span.is_recording():  # (not if the caller that opened it ended it already)
+                self._record_end(span, plan, outcome=outcome, error=error, closing=closing, now=now)
+            if plan.owns_span:
+                span.end()
 
     def _record_end(
         self,

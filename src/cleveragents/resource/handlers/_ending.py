@@ -81,7 +81,7 @@ class EndingMixin(ConnectionsMixin):
             raise
         finally:
             if self._telemetry is not None:
-                self._telemetry.plan_ended(plan, commit=commit, error=error, closing=self._closed)
+                self._telemetry.plan_ended(plan, commit, error, self._closed)
             if plan.state is not PlanState.SETTLED:  # normally the last check-in did it
                 with self._mutex:
                     self._plans.settle(plan)
