@@ -131,3 +131,29 @@ def test_wait_for_finishing_names_what_other_threads_still_finish() -> None:
             assert table.wait_for_finishing(0.0) == ["theirs"]
     finally:
         mine.lock.release()
+
+
+def test_hundreds_of_young_endings_are_all_kept_then_trimmed_to_the_latest() -> None:
+    """What a handler with max_kept=50 remembers of 199 evictions (then one more, later)."""
+    endings = Endings(max_kept=50, keep_for=3600.0)
+    for number in range(199):
+        endings.add(f"other {number}", _ending(at=float(number)))
+    assert len(endings) == 199  # all younger than an hour: none forgotten
+    endings.keep_for = 0.0
+    endings.add("last", _ending(at=200.0))
+    assert len(endings) == 50
+    assert endings.pop("last", None) is not None
+    assert endings.pop("other 198", None) is not None
+    assert endings.pop("other 0", None) is None
+
+
+def test_a_forgotten_ending_leaves_a_plain_unknown_plan() -> None:
+    table = PlanTable(threading.Lock(), Endings(max_kept=2, keep_for=0.0))
+    for number in range(3):
+        _open(table, f"p{number}", now=float(number), ttl=0.1)
+    reaped, _ = table.sweep(now=10.0)
+    assert len(reaped) == 3
+    table.raise_if_ended("p0", "release_plan")  # forgotten: nothing to say
+    for plan_id in ("p1", "p2"):
+        with pytest.raises(CheckpointExpiredError):
+            table.raise_if_ended(plan_id, "release_plan")

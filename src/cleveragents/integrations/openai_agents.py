@@ -51,6 +51,7 @@ except ImportError as exc:
 from cleveragents._run_spans import closes_plan_span, opens_plan_span
 from cleveragents.errors import PartialCommitError, PlanError, PlanProblem, ResourceError, ToolError
 from cleveragents.integrations._agent_verdict import NO_FINAL_OUTPUT, Verdict
+from cleveragents.integrations._common import ToolRollback
 from cleveragents.resource.base import Resource
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
 
@@ -76,20 +77,6 @@ _OPEN_LOCK = threading.Lock()
 _CURRENT_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar(
     "cleveragents_plan_tool_call", default=None
 )
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ToolRollback:
-    """A tool call that failed and was rolled back to the checkpoint taken before it."""
-
-    #: The checkpoint's label, ``tool-1``, ``tool-2``, ... in the order calls ran.
-    checkpoint: str
-    #: The tool's name as the model knows it.
-    tool: str
-    #: The model's id for the call, if the SDK gave one.
-    call_id: str | None
-    #: What went wrong, e.g. ``"ValueError: out of stock"``.
-    error: str
 
 
 class _Call:

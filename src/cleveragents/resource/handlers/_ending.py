@@ -215,10 +215,12 @@ class EndingMixin(ConnectionsMixin):
         except BaseException as exc:
             conn = lease.conn
             # Interrupted (Ctrl-C) just after the COMMIT returned: it did commit.
+            # A connection left with no transaction open says so on every engine
+            # (transaction_lost() answers only where a plan's SQL can end one).
             interrupted_after = (
                 not isinstance(exc, ResourceError)
                 and conn is not None
-                and lease.database.engine.transaction_lost(conn) is not None
+                and lease.database.engine.is_clean(conn)
             )
             return exc, interrupted_after
         return None, True

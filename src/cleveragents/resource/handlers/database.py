@@ -93,8 +93,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# close() waits at most this long for plans other threads are finishing.
-_CLOSE_WAIT = 30.0
 _handler_ids = itertools.count(1)
 
 
@@ -177,6 +175,9 @@ class DatabaseResourceHandler(EndingMixin, ResourceHandler):
     """
 
     kind: ClassVar[str] = "database"
+    #: How long :meth:`close` waits, in seconds, for plans other threads are
+    #: finishing or running a statement for; set it on a handler to change it.
+    close_wait: float = 30.0
 
     def __init__(
         self,
@@ -467,7 +468,7 @@ class DatabaseResourceHandler(EndingMixin, ResourceHandler):
         and gets ``HandlerClosedError``. Plans another thread is committing or
         rolling back right now are waited for, so that nothing they use is
         closed under them; a plan mid-statement in another thread is
-        interrupted, and waited for at most ``_CLOSE_WAIT`` seconds (after
+        interrupted, and waited for at most :attr:`close_wait` seconds (after
         that, the thread rolls it back itself when it leaves its block).
         """
         with self._mutex:
@@ -483,7 +484,7 @@ class DatabaseResourceHandler(EndingMixin, ResourceHandler):
             self._reaper.stop()
         finally:
             self._interrupt_running(plans)
-            deadline = time.monotonic() + _CLOSE_WAIT
+            deadline = time.monotonic() + self.close_wait
             for plan in plans:
                 try:
                     self._finish(plan, commit=False, wait_until=deadline)
