@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import threading
@@ -11,10 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import pluggy
 
+from cleveragents._run_spans import for_runtime, traces_plan, traces_step
 from cleveragents.errors import (
     CheckpointEvictedError,
     CheckpointExpiredError,
@@ -29,7 +31,12 @@ from cleveragents.errors import (
 from cleveragents.plan import Plan, Step, load_plan
 from cleveragents.plugins import SubscriberError, dispatch, get_plugin_manager, registries
 from cleveragents.resource.base import Resource, ResourceHandler
+from cleveragents.telemetry import provider_options
 from cleveragents.tools import ToolContext
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +215,10 @@ class Runtime:
     :param handler_options: handler-wide settings by resource kind, e.g.
         ``{"database": {"max_connections": 8}}``; unset ones come from
         ``CLEVERAGENTS_*`` variables, then defaults.
+    :param tracer_provider: the OpenTelemetry tracer provider for plan and step
+        spans (default: the global one), handed to the handlers it creates.
+    :param meter_provider: the OpenTelemetry meter provider handed to the
+        handlers it creates (default: the global one).
     """
 
     def __init__(
@@ -216,6 +227,8 @@ class Runtime:
         plugin_manager: pluggy.PluginManager | None = None,
         handler_options: Mapping[str, Mapping[str, Any]] | None = None,
         allowed_roots: Sequence[str | os.PathLike[str]] = (),
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
     ) -> None:
         self.plugin_manager = plugin_manager or get_plugin_manager()
         self.kinds, self.tools = registries(self.plugin_manager)
@@ -226,6 +239,8 @@ class Runtime:
         self._lock = threading.Lock()
         self._interrupted: str | None = None
         self._closed = False
+        self._providers = {"tracer_provider": tracer_provider, "meter_provider": meter_provider}
+        self._telemetry = for_runtime(tracer_provider)
 
     def __enter__(self) -> Self:
         return self
@@ -257,7 +272,11 @@ class Runtime:
                 handler_cls = self.kinds.get(kind)
                 if handler_cls is None:
                     raise ResourceError(f"no plugin serves resource kind {kind!r}")
-                handler = handler_cls.from_config(**self._handler_options.get(kind, {}))
+                options = {
+                    **provider_options(handler_cls, **self._providers),
+                    **self._handler_options.get(kind, {}),
+                }
+                handler = handler_cls.from_config(**options)
                 self.plugin_manager.register(handler, name=f"cleveragents-handler-{kind}")
                 self._handlers[kind] = handler
             return handler
@@ -293,8 +312,13 @@ class Runtime:
         if parallel <= 1 or len(plans) <= 1:
             return [self.run(plan) for plan in plans]
         with ThreadPoolExecutor(parallel, thread_name_prefix="cleveragents-plan") as pool:
-            return list(pool.map(self.run, plans))
+            # Each plan runs in a copy of the caller's context: its span's parent is the caller's.
+            futures = [
+                pool.submit(contextvars.copy_context().run, self.run, plan) for plan in plans
+            ]
+            return [future.result() for future in futures]
 
+    @traces_plan
     def run(self, plan: Plan) -> PlanResult:
         """Run *plan*'s steps in order; commit if all pass, else roll everything back.
 
@@ -382,6 +406,7 @@ class Runtime:
 
     # -- steps ----------------------------------------------------------------
 
+    @traces_step
     def _run_step(self, run: _PlanRun, step: Step, result: StepResult) -> BaseException | None:
         started = time.perf_counter()
         label = f"step:{step.id}"

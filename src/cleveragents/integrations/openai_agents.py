@@ -48,6 +48,7 @@ except ImportError as exc:
         "pip install 'cleveragents[agents]'"
     ) from exc
 
+from cleveragents._run_spans import closes_plan_span, opens_plan_span
 from cleveragents.errors import PartialCommitError, PlanError, PlanProblem, ResourceError, ToolError
 from cleveragents.integrations._agent_verdict import NO_FINAL_OUTPUT, Verdict
 from cleveragents.integrations._common import ToolRollback
@@ -261,6 +262,7 @@ class AgentPlan:
 
     # -- the plan's lifetime ----------------------------------------------------------
 
+    @opens_plan_span
     async def __aenter__(self) -> AgentPlan:
         with self._gate:
             if self._state != "new":
@@ -269,6 +271,7 @@ class AgentPlan:
             self._state = "open"
         return self
 
+    @closes_plan_span
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,

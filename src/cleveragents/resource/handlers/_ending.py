@@ -73,12 +73,44 @@ class EndingMixin(ConnectionsMixin):
         leases = list(plan.leases.values())
         if not locked and not self._lock_leases(plan, leases, wait_until):
             return
+        error: BaseException | None = None
         try:
             self._finish_leases(plan, leases, commit=commit)
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
+            if self._telemetry is not None:
+                self._telemetry.plan_ended(plan, commit, error, self._closed)
             if plan.state is not PlanState.SETTLED:  # normally the last check-in did it
                 with self._mutex:
                     self._plans.settle(plan)
+
+    def _abandon(self, lease: Lease, error: BaseException) -> None:
+        """Undo a new lease whose first call raised *error*: roll back, give back, forget it.
+
+        A plan left with no lease (its first call failed) ends here, unless
+        another thread took it out to finish it meanwhile.
+        """
+        ended = False
+        try:
+            self._end_lease(lease, commit=False, ended="failed")
+        except ResourceError as exc:
+            logger.debug("abandoning lease of plan %r: %s", lease.plan.plan_id, exc)
+        finally:
+            lease.users -= 1
+            try:
+                self._checkin(lease)
+            finally:
+                with self._mutex:
+                    plan = lease.plan
+                    if plan.leases.get(lease.database.identity) is lease:
+                        del plan.leases[lease.database.identity]
+                    ended = not plan.leases and plan.state is PlanState.ACTIVE
+                    self._plans.forget(plan)
+                lease.lock.release()
+                if self._telemetry is not None:
+                    self._telemetry.lease_abandoned(plan, error, plan_ended=ended)
 
     def _lock_leases(self, plan: Plan, leases: list[Lease], wait_until: float | None) -> bool:
         """Take every lease lock of a plan taken out, in order; all or none.
@@ -236,18 +268,24 @@ class EndingMixin(ConnectionsMixin):
         if conn is None:
             return
         engine = lease.database.engine
+        telemetry = self._telemetry
+        started = time.monotonic() if telemetry is not None else 0.0
         try:
             if commit:
                 engine.commit(conn)
             else:
                 engine.rollback(conn)
         except BaseException as exc:
+            if telemetry is not None:
+                telemetry.lease_ended(lease, commit, started, exc)
             if not commit:
                 lease.ended = "broken"
                 self._checkin(lease, broken=True)
             if isinstance(exc, engine.driver_error):
                 raise self._wrap(exc, lease, "commit" if commit else "rollback", None) from exc
             raise
+        if telemetry is not None:
+            telemetry.lease_ended(lease, commit, started, None)
 
     # -- the reaper's callback ------------------------------------------------------
 

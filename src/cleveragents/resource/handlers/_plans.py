@@ -30,16 +30,31 @@ class PlanState(enum.Enum):
 class Plan:
     """A plan with open work on one handler."""
 
-    __slots__ = ("last_used", "leases", "plan_id", "poisoned", "state", "ttl")
+    __slots__ = (
+        "last_used",
+        "leases",
+        "owns_span",
+        "plan_id",
+        "poisoned",
+        "span",
+        "started",
+        "state",
+        "ttl",
+    )
 
     def __init__(self, plan_id: str, now: float, ttl: float) -> None:
         self.plan_id = plan_id
+        self.started = now
         self.last_used = now
         self.ttl = ttl  # the smallest checkpoint_ttl among the databases it holds
         self.leases: dict[Hashable, Lease] = {}
         self.state = PlanState.ACTIVE
         #: Why the plan can no longer commit (its transaction ended under it), once known.
         self.poisoned: str | None = None
+        #: Its ``cleveragents.plan`` span while it is open (telemetry.py), and
+        #: whether the handler started it (and so ends it) or records into a caller's.
+        self.span: Any = None
+        self.owns_span = False
 
 
 class Lease:
@@ -56,13 +71,17 @@ class Lease:
         "ended",
         "has_turn",
         "lock",
+        "opens_plan",
         "plan",
         "resolved",
         "savepoints_made",
+        "since",
         "users",
     )
 
-    def __init__(self, plan: Plan, resolved: Any) -> None:
+    def __init__(
+        self, plan: Plan, resolved: Any, *, since: float = 0.0, opens_plan: bool = False
+    ) -> None:
         self.plan = plan
         self.resolved = resolved  # its settings, resource name and connection config
         self.database = resolved.database
@@ -74,6 +93,10 @@ class Lease:
         self.checkpoints: dict[str, str] = {}
         self.savepoints_made = 0
         self.ended: str | None = None
+        #: When it asked for a connection, then when it got one (monotonic; telemetry).
+        self.since = since
+        #: Whether making it opened its plan (whose span the maker then starts).
+        self.opens_plan = opens_plan
 
     def held_here(self) -> bool:
         """Whether the calling thread holds this lease's lock."""
