@@ -351,7 +351,7 @@ def test_a_connection_kept_past_its_plan_runs_nothing_while_idle(
     handler.release_plan("first")
     with pytest.raises(ResourceError, match="not lent to a plan any more"):
         kept.execute("INSERT INTO t VALUES ('idle')")
-    with pytest.raises(ResourceError, match="not lent to a plan any more"):
+    with pytest.raises(ResourceError, match="belongs to a plan that has ended"):
         kept.cursor().execute("INSERT INTO t VALUES ('idle')")
     # The driver's own method skips the lent object's check, not the authorizer's.
     with pytest.raises(sqlite3.DatabaseError, match="not authorized"):

@@ -81,6 +81,9 @@ _cursor = sqlite3.Connection.cursor
 _cursor_execute = sqlite3.Cursor.execute
 _set_authorizer = sqlite3.Connection.set_authorizer
 _getrefcount = sys.getrefcount
+_ROW_FACTORY = sqlite3.Connection.__dict__["row_factory"]
+_TEXT_FACTORY = sqlite3.Connection.__dict__["text_factory"]
+_ISOLATION_LEVEL = sqlite3.Connection.__dict__["isolation_level"]
 
 # What a plan's SQL may not do: end or split the plan's transaction, or open
 # other database files (ATTACH would escape the allowed folders).
@@ -157,6 +160,7 @@ _NO_EXTENSIONS = "a plan's connection cannot load extensions: they would outlive
 # connection's attribute, sqlite3's callback context and getrefcount's argument.
 _GUARD_REFS = 3
 
+_IsolationLevel = Literal["DEFERRED", "EXCLUSIVE", "IMMEDIATE"] | None
 Authorizer = Callable[[int, str | None, str | None, str | None, str | None], int]
 
 
@@ -382,7 +386,7 @@ class PlanConnection(PlanConnectionMixin, sqlite3.Connection):
 
         With *generation*, also unless the caller (a cursor) belongs to that plan.
         """
-        if generation is not None and generation != self.generation:
+        if generation is not None and (generation != self.generation or not self.lent):
             raise ResourceError(_STALE_CURSOR)
         if not self.in_transaction:
             raise ResourceError(f"{LOST}; nothing more runs on it" if self.lent else _NOT_LENT)
@@ -417,14 +421,7 @@ class PlanConnection(PlanConnectionMixin, sqlite3.Connection):
         """Undo what the plan left on the connection; return whether it may be lent again."""
         if self.in_transaction:
             return False
-        self.lent = False
-        self.generation += 1  # the plan's cursors run nothing more (commit closed them)
-        if self.row_factory is not None:
-            self.row_factory = None
-        if self.text_factory is not str:
-            self.text_factory = str
-        if self.isolation_level is not None:
-            self.isolation_level = None
+        self.lent = False  # the plan's cursors run nothing more (commit closed them)
         if self._changed:
             self._put_back()
         return (
@@ -437,6 +434,10 @@ class PlanConnection(PlanConnectionMixin, sqlite3.Connection):
         :raises sqlite3.Error: something could not be undone; the connection must go.
         """
         changed, self._changed = self._changed, set()
+        if "factories" in changed:
+            _ROW_FACTORY.__set__(self, None)
+            _TEXT_FACTORY.__set__(self, str)
+            _ISOLATION_LEVEL.__set__(self, None)
         if "authorizer" in changed:
             # Statements prepared under the tool's rules (SQLITE_IGNORE reads NULL)
             # must not be reused under the handler's alone.
@@ -469,6 +470,35 @@ class PlanConnection(PlanConnectionMixin, sqlite3.Connection):
         self._expire_statements()  # a cached CREATE TEMP is noticed again next time
 
     # -- what a tool may call -----------------------------------------------------------
+
+    # The driver's own attributes, noted when set, so that check-in need not read them.
+
+    @property
+    def row_factory(self) -> Any:
+        return _ROW_FACTORY.__get__(self)
+
+    @row_factory.setter
+    def row_factory(self, value: Any) -> None:
+        _ROW_FACTORY.__set__(self, value)
+        self._changed.add("factories")
+
+    @property
+    def text_factory(self) -> Any:
+        return _TEXT_FACTORY.__get__(self)
+
+    @text_factory.setter
+    def text_factory(self, value: Any) -> None:
+        _TEXT_FACTORY.__set__(self, value)
+        self._changed.add("factories")
+
+    @property
+    def isolation_level(self) -> _IsolationLevel:
+        return cast(_IsolationLevel, _ISOLATION_LEVEL.__get__(self))
+
+    @isolation_level.setter
+    def isolation_level(self, value: _IsolationLevel) -> None:
+        _ISOLATION_LEVEL.__set__(self, value)
+        self._changed.add("factories")
 
     def cursor(self, factory: Any = None) -> Any:
         cls = PlanCursor if factory is None else _plan_cursor_class(factory)
