@@ -122,6 +122,7 @@ def test_factories_a_tool_set_do_not_reach_the_next_plan(
 
     with pooled.connection(resource, "second") as conn:
         assert conn is first  # the same connection, put back
+        assert (conn.row_factory, conn.text_factory) == (None, str)
         rows = conn.execute("SELECT v FROM t").fetchall()
         assert rows == [("x",)]
         assert type(rows[0]) is tuple
