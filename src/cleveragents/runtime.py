@@ -183,7 +183,7 @@ class _PlanRun:
         with self._lock:
             if self.poison is None:
                 self.poison, self.poisoned_at = exc, step_id
-        logger.warning(
+        logger.info(  # the plan's result reports the error itself
             "plan %r: %s in step %r; the plan fails and is rolled back",
             self.plan.id,
             type(exc).__name__,

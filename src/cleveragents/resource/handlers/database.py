@@ -684,7 +684,7 @@ class DatabaseResourceHandler(EndingMixin, ResourceHandler):
         lost = engine.transaction_lost(conn) if conn is not None else None
         if lost is not None and lease.plan.poisoned is None:
             lease.plan.poisoned = lost
-            logger.warning("plan %r is poisoned: %s", lease.plan.plan_id, lost)
+            logger.info("plan %r is poisoned: %s", lease.plan.plan_id, lost)  # its calls raise
         if isinstance(exc, engine.driver_error) and engine.classify(exc) != "other":
             raise self._wrap(exc, lease, operation, None) from exc
 
