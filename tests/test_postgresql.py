@@ -445,8 +445,9 @@ def test_a_session_the_server_ended_expires_the_plan(
         handler.execute(res, "p1", "SELECT 1")
     assert caught.value.plan_id == "p1"
     handler.interrupt()  # nothing runs on a closed session: nothing to cancel
-    with pytest.raises(CheckpointExpiredError):
-        handler.release_plan("p1")  # commits nothing: the server rolled it back
+    # Asked before any COMMIT: commits nothing on any database (the server rolled it back).
+    with pytest.raises(ResourceError, match="nothing was committed: the server ended"):
+        handler.release_plan("p1")
     assert _values(db) == []
     assert handler.stats().open_connections == 0
 
@@ -466,10 +467,11 @@ def test_a_terminated_session_expires_the_release_and_rolls_back_quietly(
             == (0,)
         )
     )
-    # The client learns of it only now: COMMIT fails as an expired plan; ROLLBACK
-    # has nothing left to do (the server rolled back), so it does not raise.
+    # The client learns of it only now: the release, which asks every database
+    # before its first COMMIT, commits nothing; ROLLBACK has nothing left to do
+    # (the server rolled back), so it does not raise.
     if ending == "release_plan":
-        with pytest.raises(CheckpointExpiredError):
+        with pytest.raises(ResourceError, match="nothing was committed: the server ended"):
             handler.release_plan("p1")
     else:
         handler.rollback_plan("p1")
@@ -910,7 +912,7 @@ def test_sql_that_slips_past_the_reading_still_cannot_commit_later_statements(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The backstop behind the statement check: pretend the check missed a COMMIT.
-    monkeypatch.setattr(postgresql_module, "_refusal", lambda sql: None)
+    monkeypatch.setattr(postgresql_module, "_refusal", lambda sql, standard=True: None)
     handler = make_handler()
     handler.execute(res, "p", "INSERT INTO t VALUES ('x')")
     with pytest.raises(ResourceError, match=r"ended the plan's transaction \(ROLLBACK\)"):

@@ -15,28 +15,41 @@ What differs from SQLite, and why the code below looks the way it does:
   (``idle_in_transaction_session_timeout``, set above ``checkpoint_ttl`` as a
   backstop to the reaper); a lost session is classified as ``"lost"``;
 * the DSN is a secret: it is a ``SecretStr``, driver messages are redacted,
-  and a connection failure is re-raised without the driver's exception chained.
+  and a connection failure is re-raised without the driver's exception chained;
+* PostgreSQL has no authorizer: every statement a plan's cursors send is read
+  first, as the server's own lexer would (:mod:`._pgsql`), and refused if it
+  would end the plan's transaction or change the session for the next plan;
+* a lent ``psycopg.Connection`` has ways around any reading (``conn.pgconn``),
+  so the engine also notices when the plan's transaction is gone or was
+  replaced (:meth:`PostgreSQLEngine.transaction_lost`), checks it once more in
+  the very message that commits, and resets a session before it is pooled
+  (temporary tables, settings, prepared statements, advisory locks...).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import hashlib
 import logging
 import os
 import re
+import secrets
+import select
 import threading
+import time
 from collections.abc import Hashable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NoReturn
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from cleveragents.durations import Duration
 from cleveragents.errors import ResourceError
+from cleveragents.resource.handlers._pgsql import Unreadable, outline, tokens
 from cleveragents.resource.handlers.engine import (
     OWNS_TRANSACTION,
     Engine,
+    EngineSettings,
     Outcome,
     PlanConnectionMixin,
 )
@@ -50,8 +63,9 @@ EXTRA = "cleveragents[postgresql]"
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Lock timeout, deadlock, serialization failure: another session was in the way.
 _BUSY_STATES = frozenset({"55P03", "40P01", "40001"})
-# The server ended the session: idle-in-transaction timeout, terminated, shut down.
-_LOST_STATES = frozenset({"25P03", "57P01", "57P02", "57P03"})
+# The server ended the session: an idle-in-transaction, transaction or idle-session
+# timeout, terminated, shut down, crashed, starting up, its database dropped.
+_LOST_STATES = frozenset({"25P03", "25P04", "57P01", "57P02", "57P03", "57P04", "57P05"})
 _UNPARSABLE = (
     "the dsn does not parse as a libpq connection string (a postgresql:// URI or "
     "key=value pairs); check its syntax and quoting"
@@ -117,27 +131,16 @@ def _parses(dsn: str) -> bool:
     return True
 
 
-class PostgreSQLSettings(BaseModel):
+class PostgreSQLSettings(EngineSettings):
     """Per-resource settings of a PostgreSQL database."""
 
     # Inputs stay out of error messages: one of them is the DSN.
-    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     engine: Literal["postgresql"] = Field(description="The database engine.")
     dsn: SecretStr = Field(
         description="A libpq connection string (postgresql:// URI or key=value pairs), or "
         "'${NAME}' to read it from environment variable NAME. It is a secret: never shown.",
-    )
-    busy_timeout: Duration = Field(
-        default=5.0,
-        description="How long a statement waits for a lock held by another session "
-        "(lock_timeout; seconds, or '250ms', '5s').",
-    )
-    checkpoint_ttl: Duration | None = Field(
-        default=None,
-        gt=0,
-        description="Roll the plan back after it sat idle this long "
-        "(default: the handler's, 300s).",
     )
 
     @field_validator("dsn")
@@ -161,51 +164,194 @@ class PostgreSQLSettings(BaseModel):
             raise ResourceError(str(exc)) from None
 
 
-class _DriverMissing(Exception):
-    """Stands in for ``psycopg.Error`` until psycopg is imported; never raised."""
+@dataclasses.dataclass(slots=True)
+class _Session:
+    """What the engine knows of one session it lent to plans."""
+
+    #: Idle seconds after which the session is asked, before a commit, whether it still lives.
+    verify_after: float = 0.0
+    #: The token set in the plan's transaction at BEGIN (see _TOKEN_SETTING).
+    token: bytes | None = None
+    #: The application_name the server reported once the plan's transaction began.
+    marker: bytes | None = None
+    #: When the engine last saw a statement sent (monotonic; never later than the truth).
+    last_active: float = 0.0
+    #: Whether nothing of any plan is left on the session: it may be pooled.
+    clean: bool = True
+    #: Why the plan's transaction is gone, once noticed.
+    lost: str | None = None
+
+
+# A transaction-local setting holding a random token the handler sets at BEGIN:
+# any transaction begun later on the session lacks it. Read with SHOW, which,
+# unlike any SELECT, takes no snapshot: the plan may still SET TRANSACTION
+# ISOLATION LEVEL as its first statement.
+_TOKEN_SETTING = "cleveragents.transaction"
+# Everything a plan can leave on a session, undone (DISCARD ALL, which cannot
+# share a message with COMMIT). RESET ALL brings back the session's startup
+# values, which hold the handler's lock_timeout and idle backstop.
+_RESET = (
+    "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; DEALLOCATE ALL; UNLISTEN *; "
+    "SELECT pg_catalog.pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES"
+)
+_GONE_BY_PLAN = (
+    "SQL the plan ran around cleveragents' guard ended its transaction "
+    "(e.g. a COMMIT through conn.pgconn)"
+)
+_REPLACED_BY_PLAN = (
+    "SQL the plan ran around cleveragents' guard ended its transaction and began another"
+)
+_GONE_BY_SERVER = "the server ended the plan's session"
+_STILL_RUNNING = (
+    "a statement of the plan was still running on its session (a stream() left unfinished, "
+    "or the connection used outside its block)"
+)
+_PIPELINE_LEFT = "the plan left its session in pipeline mode"
+_UNKNOWN_STATE = "the plan's session is in an unknown state"
+_ABORTED = (
+    "a statement failed and PostgreSQL aborted the transaction, so the plan was "
+    "rolled back; roll back to a checkpoint after a failed statement to go on"
+)
+_CANNOT_NEST = (
+    "a plan's connection cannot open conn.transaction(): cleveragents owns the plan's "
+    "transaction; take a checkpoint instead"
+)
+_CANNOT_CLOSE = (
+    "a plan's connection cannot close(): cleveragents gives the session back to its pool "
+    "when the plan ends"
+)
+_CANNOT_TPC = (
+    "a plan's connection cannot run two-phase commit (tpc_*): cleveragents owns the plan's "
+    "transaction"
+)
+
+
+def _cannot_change(what: str) -> str:
+    return (
+        f"a plan's connection cannot change {what}: cleveragents owns the plan's "
+        "transaction and how it runs"
+    )
+
+
+def _check_sql(conn: Any, query: Any, encoding: str) -> None:
+    """Refuse, before it is sent, a plan's statement that would escape its transaction.
+
+    *query* is what psycopg is about to send (bytes in the client encoding,
+    placeholders already turned into ``$1``), or a string or composition.
+    """
+    if conn.handler_statement:
+        return
+    # Before the statement runs: the idle time measured from here is never too short.
+    conn.plan_session.last_active = time.monotonic()
+    if isinstance(query, bytes):
+        try:
+            query = query.decode(encoding)
+        except UnicodeDecodeError:
+            raise ResourceError(
+                "plans may not run SQL that does not decode in the session's client "
+                f"encoding ({encoding}): it cannot be read with certainty"
+            ) from None
+    elif not isinstance(query, str):
+        query = query.as_string(conn)  # a psycopg.sql composition
+    standard = conn.pgconn.parameter_status(b"standard_conforming_strings") != b"off"
+    refusal = _refusal(query, standard)
+    if refusal is not None:
+        raise ResourceError(f"plans may not run {refusal}")
+
+
+class _GuardedCursor:
+    """Listed before a psycopg cursor class: reads every statement it is about to send.
+
+    Every way a cursor sends SQL (``execute``, ``executemany``, ``stream``,
+    ``copy``, a server-side cursor's ``DECLARE``, a pipeline) goes through
+    ``_execute_send`` or ``_send_prepare``.
+    """
+
+    def _execute_send(self, query: Any, **options: Any) -> None:
+        _check_sql(self._conn, query.query, self._encoding)  # type: ignore[attr-defined]
+        super()._execute_send(query, **options)  # type: ignore[misc]
+
+    def _send_prepare(self, name: bytes, query: Any) -> None:
+        _check_sql(self._conn, query.query, self._encoding)  # type: ignore[attr-defined]
+        super()._send_prepare(name, query)  # type: ignore[misc]
+
+
+@functools.lru_cache(maxsize=64)
+def _guarded(cursor_class: type[Any]) -> type[Any]:
+    """Return *cursor_class* with the guard in front (itself if it has it already)."""
+    if issubclass(cursor_class, _GuardedCursor):
+        return cursor_class
+    guarded = type(f"Plan{cursor_class.__name__}", (_GuardedCursor, cursor_class), {})
+    guarded.__module__ = __name__
+    return guarded
+
+
+def _cursor_factory(name: str) -> property:
+    """A cursor factory attribute of the lent connection that only holds guarded classes."""
+    slot = f"_plan_{name}"
+
+    def get(conn: Any) -> Any:
+        return getattr(conn, slot)
+
+    def set_(conn: Any, cursor_class: Any) -> None:
+        if not isinstance(cursor_class, type):
+            raise ResourceError(
+                f"a plan's connection takes a psycopg cursor class as {name}, "
+                f"not {type(cursor_class).__name__}"
+            )
+        setattr(conn, slot, _guarded(cursor_class))
+
+    return property(get, set_, doc=f"The {name}; every class set is given the guard.")
 
 
 @functools.cache
 def _plan_connection_class(psycopg: ModuleType) -> type[Any]:
     """Return the ``psycopg.Connection`` subclass the handler lends to plans.
 
-    It refuses ``commit()``, ``rollback()`` and ``with conn:`` (which would
-    commit, or close the session), and its cursors refuse statements that
-    would end the plan's transaction or change session settings (see
-    :func:`_refusal`): the handler owns the plan's transaction and ends it
-    when the plan ends.
+    It refuses ``commit()``, ``rollback()``, ``with conn:``, ``close()``,
+    ``transaction()``, two-phase commit and changing autocommit or the
+    transaction characteristics; its cursors, whichever class they are, read
+    each statement before sending it (see :func:`_refusal`).
     """
-
-    def check(cursor: Any, query: Any) -> None:
-        if cursor.connection.handler_statement:
-            return
-        if isinstance(query, bytes):
-            query = query.decode(errors="replace")
-        elif not isinstance(query, str):
-            query = query.as_string(cursor.connection)  # a psycopg.sql composition
-        refusal = _refusal(query)
-        if refusal is not None:
-            raise ResourceError(f"plans may not run {refusal}")
-
-    class PlanCursor(psycopg.Cursor):  # type: ignore[misc,name-defined]
-        """A cursor of a plan's session; it reads each statement before sending it."""
-
-        def execute(self, query: Any, params: Any = None, **options: Any) -> Any:
-            check(self, query)
-            return super().execute(query, params, **options)
-
-        def executemany(self, query: Any, params_seq: Any, **options: Any) -> None:
-            check(self, query)
-            super().executemany(query, params_seq, **options)
 
     class PlanConnection(PlanConnectionMixin, psycopg.Connection):  # type: ignore[misc,name-defined]
         """A plan's session: a ``psycopg.Connection`` whose transaction the handler owns."""
 
-        @classmethod
-        def connect(cls, *args: Any, **kwargs: Any) -> Any:
-            return super().connect(*args, cursor_factory=PlanCursor, **kwargs)
+        cursor_factory = _cursor_factory("cursor_factory")
+        server_cursor_factory = _cursor_factory("server_cursor_factory")
 
-    PlanCursor.__qualname__ = PlanCursor.__name__
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.plan_session = _Session()
+            super().__init__(*args, **kwargs)
+
+        def _exec_command(self, command: Any, *args: Any, **kwargs: Any) -> Any:
+            # psycopg's own statements: FETCH/CLOSE of server-side cursors, DEALLOCATE...
+            _check_sql(self, command, self.pgconn._encoding)
+            return super()._exec_command(command, *args, **kwargs)
+
+        def transaction(self, *args: Any, **kwargs: Any) -> NoReturn:
+            raise ResourceError(_CANNOT_NEST)
+
+        def close(self) -> NoReturn:
+            raise ResourceError(_CANNOT_CLOSE)
+
+        def set_autocommit(self, value: Any) -> NoReturn:
+            raise ResourceError(_cannot_change("autocommit"))
+
+        def set_isolation_level(self, value: Any) -> NoReturn:
+            raise ResourceError(_cannot_change("isolation_level"))
+
+        def set_read_only(self, value: Any) -> NoReturn:
+            raise ResourceError(_cannot_change("read_only"))
+
+        def set_deferrable(self, value: Any) -> NoReturn:
+            raise ResourceError(_cannot_change("deferrable"))
+
+        def tpc_begin(self, *args: Any) -> NoReturn:
+            raise ResourceError(_CANNOT_TPC)
+
+        tpc_prepare = tpc_commit = tpc_rollback = tpc_begin
+
     PlanConnection.__qualname__ = PlanConnection.__name__
     return PlanConnection
 
@@ -214,40 +360,45 @@ def _plan_connection_class(psycopg: ModuleType) -> type[Any]:
 def _to_pyformat(sql: str, style: Literal["named", "qmark"]) -> str:
     """Rewrite ``:name`` (or ``?``) placeholders as psycopg's, and double literal ``%``.
 
-    Quoted strings, quoted identifiers, dollar-quoted bodies and comments are
-    left alone, and so is the ``::`` cast.
+    The SQL is read as PostgreSQL reads it (see :mod:`._pgsql`): quoted
+    strings, quoted names, dollar-quoted bodies and comments are left alone,
+    and so is the ``::`` cast.
+
+    :raises ResourceError: the SQL cannot be read with certainty.
     """
+    try:
+        found = list(tokens(sql))
+    except Unreadable as exc:
+        raise ResourceError(f"plans may not run {_unreadable(exc)}") from None
+    parts: list[str] = []
+    index = 0
+    while index < len(found):
+        kind, start, end = found[index]
+        text = sql[start:end]
+        index += 1
+        if kind != "other":
+            parts.append(text.replace("%", "%%"))
+        elif text == "%":
+            parts.append("%%")
+        elif text == "?" and style == "qmark":
+            parts.append("%s")
+        elif text == ":" and index < len(found) and found[index][1] == end:
+            following, _, after = found[index]
+            name = sql[end:after]
+            if following == "other" and name == ":":
+                parts.append("::")  # a cast, not a parameter
+                index += 1
+            elif following == "word" and style == "named" and _PARAMETER.fullmatch(name):
+                parts.append(f"%({name})s")
+                index += 1
+            else:
+                parts.append(text)
+        else:
+            parts.append(text)
+    return "".join(parts)
 
-    def replace(match: re.Match[str]) -> str:
-        token = match[0]
-        if token == "%":
-            return "%%"
-        if token == "?":
-            return "%s" if style == "qmark" else token
-        if match["name"] is not None:
-            return f"%({match['name']})s" if style == "named" else token
-        return token.replace("%", "%%")
 
-    return _SQL_TOKENS.sub(replace, sql)
-
-
-_SQL_TOKENS = re.compile(
-    r"""
-      (?<![\w$])[eE]'(?:[^'\\]|\\.|'')*'        # E'...' with backslash escapes
-    | '(?:[^']|'')*'                            # '...'
-    | "(?:[^"]|"")*"                            # "quoted identifier"
-    | --[^\n]*                                  # line comment
-    | /\*.*?\*/                                 # block comment
-    | (?<![\w$])\$(?P<tag>(?:[A-Za-z_]\w*)?)\$.*?\$(?P=tag)\$   # $tag$ ... $tag$
-    | ::                                        # a cast, not a parameter
-    | :(?P<name>[A-Za-z_]\w*)                   # :name
-    | \?
-    | %
-    """,
-    re.VERBOSE | re.DOTALL,
-)
-
-
+_PARAMETER = re.compile(r"[A-Za-z_]\w*")
 _SETTINGS = "a session setting would outlive the plan on a pooled connection; use SET LOCAL"
 _REFUSED_FIRST_WORDS = {
     "BEGIN": OWNS_TRANSACTION,
@@ -259,30 +410,30 @@ _REFUSED_FIRST_WORDS = {
     "SAVEPOINT": OWNS_TRANSACTION,
     "RELEASE": OWNS_TRANSACTION,
     "RESET": _SETTINGS,
+    "LOAD": "a library loaded into the session would outlive the plan on a pooled connection",
 }
 
 
-def _blank_quoted(match: re.Match[str]) -> str:
-    """Replace a quoted string, quoted name or comment by a space; keep other tokens."""
-    token = match[0]
-    quoted = len(token) > 1 and token[0] in "'\"-/$eE"
-    return " " if quoted else token
+def _unreadable(exc: Unreadable) -> str:
+    return f"SQL with {exc}: it cannot be read with certainty"
 
 
-@functools.lru_cache(maxsize=512)
-def _refusal(sql: str) -> str | None:
+@functools.lru_cache(maxsize=1024)
+def _refusal(sql: str, standard_strings: bool = True) -> str | None:
     """Say why a plan may not run *sql*, or ``None`` when it may.
 
-    PostgreSQL has no authorizer, so the statement is read here: comments and
-    quoted text are set aside, there must be one statement only (as on
-    SQLite), and it must not end the plan's transaction or change a session
-    setting that would outlive the plan.
+    The statement is read as PostgreSQL's lexer reads it (*standard_strings*
+    is the session's ``standard_conforming_strings``): there must be one
+    statement only (as on SQLite), and it must not end the plan's transaction
+    or change a session setting that would outlive the plan. SQL that cannot
+    be read with certainty is refused.
     """
-    outline = _SQL_TOKENS.sub(_blank_quoted, sql)
-    statements = [part for part in outline.split(";") if part.strip()]
-    if len(statements) > 1:
+    try:
+        count, words = outline(sql, standard_strings=standard_strings)
+    except Unreadable as exc:
+        return _unreadable(exc)
+    if count > 1:
         return "more than one statement at a time: plans run one statement per step or call"
-    words = statements[0].replace("(", " ").upper().split()[:2] if statements else []
     if not words:
         return None
     first, second = words[0], words[1] if len(words) > 1 else ""
@@ -319,15 +470,24 @@ class PostgreSQLEngine(Engine):
     name: ClassVar[str] = "postgresql"
     settings_model: ClassVar[type[BaseModel]] = PostgreSQLSettings
     serializes_writers: ClassVar[bool] = False
-    driver_error: ClassVar[type[BaseException]] = _DriverMissing
 
     def __init__(self) -> None:
-        self._pg = _import_psycopg()
-        PostgreSQLEngine.driver_error = self._pg.Error
-        self._connection_class = _plan_connection_class(self._pg)
-        self._connect_error = _connect_error_class(self._pg)
-        self._idle = self._pg.pq.TransactionStatus.IDLE
-        self._in_error = self._pg.pq.TransactionStatus.INERROR
+        self._pg = pg = _import_psycopg()
+        self.driver_error = pg.Error
+        self._connection_class = _plan_connection_class(pg)
+        self._cursor_class = _guarded(pg.Cursor)
+        self._tuple_row = pg.rows.tuple_row
+        self._results_of = pg.generators.execute
+        self._error_from = pg.errors.error_from_result
+        self._connect_error = _connect_error_class(pg)
+        status = pg.pq.TransactionStatus
+        self._idle, self._in_transaction, self._in_error = (
+            status.IDLE,
+            status.INTRANS,
+            status.INERROR,
+        )
+        self._active = status.ACTIVE
+        self._bad = pg.pq.ConnStatus.BAD
         self._secrets_lock = threading.Lock()
         self._secrets: tuple[str, ...] = ()
         self._secrets_by_dsn: collections.OrderedDict[str, set[str]] = collections.OrderedDict()
@@ -396,19 +556,37 @@ class PostgreSQLEngine(Engine):
             failure = self.redact(exc)
         if failure is not None:
             raise self._connect_error(f"cannot connect: {failure}")
+        # psycopg would prepare a statement run five times, under a name the
+        # next plan's DEALLOCATE ALL (the reset) or own PREPARE could reuse.
+        conn.prepare_threshold = None
+        session = conn.plan_session
+        session.verify_after = settings.checkpoint_ttl or self.default_checkpoint_ttl
+        session.last_active = time.monotonic()
         return conn
 
     def begin(self, conn: Any, settings: PostgreSQLSettings, *, plan_id: str) -> None:
-        # One round trip; SET LOCAL ends with the transaction, so an idle
-        # session shows only the runtime's name again.
+        # One round trip, which also marks the transaction as the plan's: the
+        # plan's application_name, which the server reports to the client, and
+        # a random token only the handler's transaction holds (see
+        # transaction_lost). SET LOCAL ends with the transaction, so an idle
+        # session shows only the runtime's name.
+        session = conn.plan_session
+        session.clean = False
+        token = secrets.token_hex(12)
         name = _quote_literal(_application_name(plan_id))
-        conn.own(f"BEGIN; SET LOCAL application_name = {name}")
+        self._own(
+            conn,
+            f"BEGIN; SET LOCAL application_name = {name}; SET LOCAL {_TOKEN_SETTING} = '{token}'",
+        )
+        session.token = token.encode()
+        session.marker = conn.pgconn.parameter_status(b"application_name")
+        session.lost = None
 
     def savepoint(self, conn: Any, name: str) -> None:
-        conn.own(f'SAVEPOINT "{name}"')
+        self._own(conn, f'SAVEPOINT "{name}"')
 
     def rollback_to(self, conn: Any, name: str) -> None:
-        conn.own(f'ROLLBACK TO SAVEPOINT "{name}"')
+        self._own(conn, f'ROLLBACK TO SAVEPOINT "{name}"')
 
     def commit(self, conn: Any) -> None:
         # PostgreSQL answers COMMIT of an aborted transaction with a silent
@@ -417,17 +595,46 @@ class PostgreSQLEngine(Engine):
             raise self._pg.errors.InFailedSqlTransaction(
                 "the transaction is aborted; COMMIT would only roll it back"
             )
-        # RELEASE of the outermost savepoint does not commit on PostgreSQL; COMMIT does.
-        conn.own("COMMIT")
+        session = conn.plan_session
+        # One message: make sure the transaction is still the plan's (a division
+        # by zero if not, and then nothing after it runs), COMMIT (RELEASE of
+        # the outermost savepoint does not commit on PostgreSQL), then reset.
+        token = (session.token or b"").decode()
+        check = (
+            f"SELECT 1 OPERATOR(pg_catalog./) (pg_catalog.current_setting('{_TOKEN_SETTING}') "
+            f"OPERATOR(pg_catalog.=) '{token}')::pg_catalog.int4"
+        )
+        results = self._script(conn, f"{check}; COMMIT; {_RESET}")
+        failed = self._failure(results, conn)
+        if failed is not None and failed[0] == 0:
+            session.lost = _REPLACED_BY_PLAN
+            raise ResourceError(f"nothing was committed: {_REPLACED_BY_PLAN}")
+        if failed is not None and failed[0] == 1:
+            raise failed[1]
+        self._after_reset(session, failed)
 
     def rollback(self, conn: Any) -> None:
         if conn.closed or conn.pgconn.transaction_status == self._idle:
             return  # nothing open: a lost session was rolled back by the server
         try:
-            conn.own("ROLLBACK")
+            results = self._script(conn, f"ROLLBACK; {_RESET}")
         except self._pg.OperationalError:
             if not conn.closed:
                 raise
+            return
+        failed = self._failure(results, conn)
+        if failed is not None and failed[0] == 0:
+            if conn.closed:
+                return  # the server ended the session, which rolled the transaction back
+            raise failed[1]
+        self._after_reset(conn.plan_session, failed)
+
+    def _after_reset(self, session: _Session, failed: tuple[int, Exception] | None) -> None:
+        """Note whether the session may be pooled, now that the plan's transaction ended."""
+        session.token = None
+        if failed is not None:
+            logger.info("resetting a session failed, so it is closed: %s", self.redact(failed[1]))
+        session.clean = failed is None and session.lost is None
 
     def execute(
         self, conn: Any, sql: str, params: Mapping[str, Any] | Sequence[Any] | None
@@ -440,33 +647,114 @@ class PostgreSQLEngine(Engine):
             query, values = _to_pyformat(sql, "named"), params
         else:
             query, values = _to_pyformat(sql, "qmark"), params
-        with conn.cursor() as cursor:
+        # The engine's own cursor class and row factory: whatever the plan set
+        # on the connection in a block has no say in what execute() sends or returns.
+        with self._cursor_class(conn, row_factory=self._tuple_row) as cursor:
             cursor.execute(query, values)
             if conn.pgconn.transaction_status == self._idle:
                 # A backstop behind _refusal: should any statement still end the
                 # plan's transaction, stop the plan before later statements
                 # commit one by one.
+                conn.plan_session.lost = _GONE_BY_PLAN
                 raise ResourceError(
                     f"the plan's SQL ended the plan's transaction ({cursor.statusmessage}); "
                     "plans must not COMMIT or ROLLBACK: cleveragents ends the transaction"
                 )
             return cursor.fetchall() if cursor.description is not None else []
 
-    def is_clean(self, conn: Any) -> bool:
-        return (not conn.closed) and conn.pgconn.transaction_status == self._idle
+    def transaction_lost(self, conn: Any) -> str | None:
+        """Say why the plan's transaction on *conn* is gone (or was replaced), from the client.
 
-    def check_committable(self, conn: Any) -> str | None:
-        if conn.closed:
-            return None  # COMMIT raises, and the error says the session was lost
-        if conn.pgconn.transaction_status == self._in_error:
-            return (
-                "a statement failed and PostgreSQL aborted the transaction, so the plan was "
-                "rolled back; roll back to a checkpoint after a failed statement to go on"
-            )
+        Free of round trips unless the application_name the server reports
+        changed: then one query tells whether the transaction is still the one
+        that began (the plan may set application_name itself) or another one.
+        """
+        session: _Session = conn.plan_session
+        if session.lost is None:
+            session.lost = self._gone(conn, session)
+        return session.lost
+
+    def _gone(self, conn: Any, session: _Session) -> str | None:
+        pgconn = conn.pgconn
+        if pgconn.status == self._bad:
+            return _GONE_BY_SERVER
+        if pgconn.pipeline_status:
+            return _PIPELINE_LEFT
+        status = pgconn.transaction_status
+        if status == self._in_transaction:
+            if pgconn.parameter_status(b"application_name") == session.marker:
+                return None
+            return self._verify(conn, session)
+        if status == self._in_error:
+            return None  # it can only be rolled back; verified once it is usable again
+        if status == self._idle:
+            return _GONE_BY_PLAN
+        return _STILL_RUNNING if status == self._active else _UNKNOWN_STATE
+
+    def _verify(self, conn: Any, session: _Session) -> str | None:
+        """Ask the server whether the plan's transaction is still open on *conn* (a round trip)."""
+        try:
+            results = self._script(conn, f"SHOW {_TOKEN_SETTING}")
+        except self._pg.Error:
+            return _GONE_BY_SERVER if conn.closed else _UNKNOWN_STATE
+        failed = self._failure(results, conn)
+        if failed is not None:
+            return _GONE_BY_SERVER if self.classify(failed[1]) == "lost" else None
+        if results[0].get_value(0, 0) != session.token:
+            return _REPLACED_BY_PLAN
+        session.marker = conn.pgconn.parameter_status(b"application_name")
         return None
 
+    def check_committable(self, conn: Any) -> str | None:
+        """Say why committing *conn* would lose work; the handler asks before the first COMMIT.
+
+        Beyond :meth:`transaction_lost` and an aborted transaction: the server
+        may have ended a session that sat idle while the plan worked elsewhere
+        (its idle backstop), and the client learns it only when it next speaks.
+        A session idle for ``checkpoint_ttl`` or more, or with something unasked
+        waiting on its socket, is asked first, so such a plan commits nowhere.
+        """
+        reason = self.transaction_lost(conn)
+        if reason is not None:
+            return reason
+        if conn.pgconn.transaction_status == self._in_error:
+            return _ABORTED
+        session: _Session = conn.plan_session
+        idle = time.monotonic() - session.last_active
+        if idle >= session.verify_after or _readable(conn.pgconn.socket):
+            session.lost = self._verify(conn, session)
+        return session.lost
+
+    def is_clean(self, conn: Any) -> bool:
+        """Whether *conn* may be pooled; puts back what a plan may change on the connection object.
+
+        The session itself was reset by the COMMIT or ROLLBACK message; a
+        session that could not be (or whose transaction the plan ended) is not
+        clean, so the handler closes it.
+        """
+        pgconn = conn.pgconn
+        session = conn.plan_session
+        if not session.clean or pgconn.status == self._bad:
+            return False
+        if pgconn.transaction_status != self._idle or pgconn.pipeline_status:
+            return False
+        if conn.handler_statement or not conn.autocommit:
+            return False
+        # psycopg keeps these on the connection object; a plan may change them
+        # in a block, and the next plan must not inherit them.
+        conn.row_factory = self._tuple_row
+        conn.cursor_factory = self._pg.Cursor
+        conn.server_cursor_factory = self._pg.ServerCursor
+        conn.prepare_threshold = None
+        conn._adapters = None  # a fresh copy of the global adapters when next asked
+        conn._notice_handlers.clear()
+        conn._notify_handlers.clear()
+        if conn._notifies_backlog:
+            conn._notifies_backlog.clear()
+        return True
+
     def close(self, conn: Any) -> None:
-        # The plan connection refuses rollback(); close the session the base way.
+        # The plan connection refuses close() and rollback(); close the session the base way.
         self._pg.Connection.close(conn)
 
     def interrupt(self, conn: Any) -> None:
@@ -477,6 +765,39 @@ class PostgreSQLEngine(Engine):
             conn.cancel_safe(timeout=5.0)
         except (self._pg.Error, OSError) as exc:
             logger.debug("cancelling a statement failed: %s", self.redact(exc))
+
+    # -- the handler's own statements -------------------------------------------
+
+    def _script(self, conn: Any, sql: str) -> list[Any]:
+        """Send the handler's *sql* (one or more statements) and return every result.
+
+        Straight to libpq, under the connection's lock: no cursor class, row
+        factory or adapter the plan may have set has a say.
+        """
+        pgconn = conn.pgconn
+        with conn.lock:
+            if pgconn.status == self._bad:
+                raise self._pg.OperationalError("the connection is closed")
+            pgconn.send_query(sql.encode())
+            results: list[Any] = conn.wait(self._results_of(pgconn))
+        conn.plan_session.last_active = time.monotonic()
+        return results
+
+    def _failure(self, results: list[Any], conn: Any) -> tuple[int, Exception] | None:
+        """Return the position and error of the failed statement among *results*, if one failed."""
+        fatal = self._pg.pq.ExecStatus.FATAL_ERROR
+        for index, result in enumerate(results):
+            if result.status == fatal:
+                return index, self._error_from(result, encoding=conn.pgconn._encoding)
+        return None
+
+    def _own(self, conn: Any, sql: str) -> list[Any]:
+        """Run the handler's *sql*, raising the driver's error if a statement failed."""
+        results = self._script(conn, sql)
+        failed = self._failure(results, conn)
+        if failed is not None:
+            raise failed[1]
+        return results
 
     # -- errors -----------------------------------------------------------------
 
@@ -523,6 +844,15 @@ class PostgreSQLEngine(Engine):
             everything = set().union(*self._secrets_by_dsn.values())
             # Longest first, so a DSN is removed whole before its password is.
             self._secrets = tuple(sorted(everything, key=len, reverse=True))
+
+
+def _readable(socket: int) -> bool:
+    """Whether the server sent something unasked: while idle in a transaction, its goodbye."""
+    try:
+        readable, _, _ = select.select([socket], [], [], 0)
+    except (OSError, ValueError):
+        return True  # no socket to ask: a round trip will tell
+    return bool(readable)
 
 
 @functools.cache

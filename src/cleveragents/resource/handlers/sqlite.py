@@ -11,13 +11,13 @@ import time
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from cleveragents.durations import Duration
 from cleveragents.errors import ResourceError
 from cleveragents.resource.handlers.engine import (
     OWNS_TRANSACTION,
     Engine,
+    EngineSettings,
     Outcome,
     PlanConnectionMixin,
 )
@@ -64,10 +64,8 @@ _CONNECTION_PRAGMAS = frozenset(
 )
 
 
-class SQLiteSettings(BaseModel):
+class SQLiteSettings(EngineSettings):
     """Per-resource settings of an SQLite database."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     engine: Literal["sqlite"] = Field(default="sqlite", description="The database engine.")
     location: str = Field(
@@ -80,22 +78,11 @@ class SQLiteSettings(BaseModel):
     synchronous: Literal["off", "normal", "full", "extra"] = Field(
         default="full", description="PRAGMA synchronous of every connection."
     )
-    busy_timeout: Duration = Field(
-        default=5.0,
-        description="How long a writer waits for its turn or for another program's lock "
-        "(seconds, or '250ms', '5s').",
-    )
     foreign_keys: bool = Field(default=True, description="PRAGMA foreign_keys.")
     lock: Literal["immediate", "deferred"] = Field(
         default="immediate",
         description="'immediate' takes the write lock when the plan begins (writers); "
         "'deferred' only when it first writes (readers).",
-    )
-    checkpoint_ttl: Duration | None = Field(
-        default=None,
-        gt=0,
-        description="Roll the plan back after it sat idle this long "
-        "(default: the handler's, 300s).",
     )
 
 
@@ -143,7 +130,7 @@ class SQLiteEngine(Engine):
     name: ClassVar[str] = "sqlite"
     settings_model: ClassVar[type[BaseModel]] = SQLiteSettings
     serializes_writers: ClassVar[bool] = True
-    driver_error: ClassVar[type[BaseException]] = sqlite3.Error
+    driver_error: type[BaseException] = sqlite3.Error
 
     def __init__(self) -> None:
         # Switching a fresh file to WAL from two connections at once fails with
