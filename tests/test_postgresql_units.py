@@ -290,3 +290,168 @@ def test_the_secrets_remembered_for_redaction_stay_bounded() -> None:
     assert SECRET not in engine.redact(ValueError(f"failed for {DSN}"))
     assert "pw0999x" not in engine.redact(ValueError("password is pw0999x"))
     assert "pw0000x" in engine.redact(ValueError("password is pw0000x"))  # forgotten: oldest
+
+
+# -- reading SQL as PostgreSQL's lexer does -----------------------------------------
+
+_ONE = "more than one statement"
+
+
+@pytest.mark.parametrize(
+    ("sql", "refused"),
+    [
+        # A -- comment ends at a line feed or a carriage return, nowhere else.
+        ("SELECT 1 --\r; COMMIT; BEGIN", _ONE),
+        ("SELECT 1 --\n; COMMIT", _ONE),
+        ("SELECT 1 -- ; COMMIT", None),
+        ("SELECT 1+--\r;COMMIT", _ONE),  # an operator stops where a comment starts
+        # Block comments nest; an unterminated one cannot be read.
+        ("SELECT 1 /* /* */ ; COMMIT; */", None),
+        ("SELECT 1 /* /* */ ; COMMIT; /* */", "unterminated /* comment"),
+        ("SELECT 1 /**/; COMMIT", _ONE),
+        ("/* c */ COMMIT", "COMMIT: cleveragents owns"),
+        ("/* a /* b */ c */ ROLLBACK", "ROLLBACK: cleveragents owns"),
+        # Standard strings double a quote; backslashes are plain characters.
+        ("SELECT 'a\\'; COMMIT; --'", _ONE),
+        ("SELECT 'a''; COMMIT; --'", None),
+        ("SELECT 'a'\n'; COMMIT; --'", None),  # continued on the next line: still a string
+        ("SELECT 'a' '; COMMIT; --'", None),  # two strings (a syntax error), no COMMIT
+        # Escape strings read backslashes, also when continued on the next line.
+        ("SELECT E'a\\'; COMMIT; --'", None),
+        ("SELECT e'\\\\'; COMMIT; --'", _ONE),
+        ("SELECT E'a'\n'\\'; COMMIT; --'", None),
+        ("SELECT E'a'\r\n  -- note\n'\\'; COMMIT; --'", None),
+        ("SELECT E'a' '\\'; COMMIT; --'", _ONE),  # no newline: not a continuation
+        # E starts an escape string only where a token starts.
+        ("SELECT 1 AS tablE'\\'; COMMIT; --'", _ONE),
+        ("SELECT 1 AS \u00d7E'\\'; COMMIT; --'", _ONE),
+        ("SELECT 1.E'\\'; COMMIT; --'", None),
+        # Bit strings end at the next quote; U& strings read like standard ones.
+        ("SELECT X'\\'; COMMIT; --'", _ONE),
+        ("SELECT B'01'; COMMIT", _ONE),
+        ("SELECT U&'d\\0061t\\+000061'; COMMIT", _ONE),
+        ("SELECT U&'\\'; COMMIT; --'", _ONE),
+        ('SELECT U&"a""b;"', None),
+        # Quoted names double a quote.
+        ('SELECT 1 AS "a;""COMMIT"', None),
+        ('SELECT 1 AS "a"; COMMIT', _ONE),
+        ('"COMMIT"', None),  # a name, not the keyword (and a syntax error)
+        # Dollar quotes end at the same delimiter; $ inside a name starts nothing.
+        ("SELECT $$; COMMIT; $$", None),
+        ("SELECT $f$ $g$; $f$ ; COMMIT", _ONE),
+        ("SELECT $f$ $g$; COMMIT $g$ $f$", None),
+        ("SELECT $é$; COMMIT; $é$", None),
+        ("SELECT 1 AS \u00d7$a$; COMMIT; SELECT 1 AS \u00d7$a$", _ONE),
+        ("SELECT 1 AS a$b$; COMMIT; SELECT 1 AS a$b$", _ONE),
+        ("SELECT $1$a$; COMMIT; $a$", None),
+        ("SELECT $a$ never closed", "unterminated dollar quote ($a$)"),
+        # Whatever cannot be read with certainty is refused.
+        ("SELECT 'never closed", "unterminated quoted string"),
+        ("SELECT E'never closed\\'", "unterminated quoted string"),
+        ("SELECT X'never closed", "unterminated quoted string"),
+        ('SELECT "never closed', 'unterminated quoted name (")'),
+        ("SELECT 1\x00; COMMIT", "a NUL character"),
+        # Keywords: ASCII only, any case; empty statements do not count.
+        ("commit", "COMMIT: cleveragents owns"),
+        ("CoMmIt", "COMMIT: cleveragents owns"),
+        ("comm\u0131t", None),  # a dotless i: a name, not the keyword
+        ("SELECT 1;;", None),
+        (";; SELECT 1 ; ", None),
+        ("", None),
+        ("  -- nothing\n/* at all */", None),
+        ("SET LOCAL lock_timeout = 0", None),
+        ("set /* x */ local lock_timeout = 0", None),
+        ("SET SESSION lock_timeout = 0", "SET without LOCAL"),
+        ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", None),
+        ("SET CONSTRAINTS ALL DEFERRED", None),
+        ("LOAD 'auto_explain'", "LOAD: a library loaded into the session"),
+        ("PREPARE TRANSACTION 'x'", "PREPARE TRANSACTION"),
+        ("PREPARE q AS SELECT 1", None),
+        ("START TRANSACTION", "START: cleveragents owns"),
+        # A function body in BEGIN ATOMIC has semicolons: refused, the safe way.
+        (
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; END",
+            _ONE,
+        ),
+    ],
+)
+def test_plan_sql_is_read_as_postgresql_reads_it(sql: str, refused: str | None) -> None:
+    refusal = postgresql._refusal(sql, True)
+    if refused is None:
+        assert refusal is None, refusal
+    else:
+        assert refusal is not None
+        assert refused in refusal
+        assert "\n" not in refusal
+
+
+@pytest.mark.parametrize(
+    ("sql", "refused"),
+    [
+        ("SELECT 'a\\'; COMMIT; --'", None),  # the backslash escapes the quote now
+        ("SELECT 'a\\'' ; COMMIT; --'", _ONE),
+        ("SELECT 'a''; COMMIT; --'", None),
+        ("SELECT U&'x'", "U&'...' string while standard_conforming_strings is off"),
+    ],
+)
+def test_with_standard_conforming_strings_off_quotes_read_backslashes(
+    sql: str, refused: str | None
+) -> None:
+    refusal = postgresql._refusal(sql, False)
+    if refused is None:
+        assert refusal is None, refusal
+    else:
+        assert refusal is not None
+        assert refused in refusal
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        ("SELECT :a --\r, :b", "SELECT %(a)s --\r, %(b)s"),
+        ("SELECT /* /* */ :no */ :yes", "SELECT /* /* */ :no */ %(yes)s"),
+        ("SELECT E'\\' :no', :yes", "SELECT E'\\' :no', %(yes)s"),
+        ("SELECT 1 AS \u00d7$a$, :yes", "SELECT 1 AS \u00d7$a$, %(yes)s"),
+        ("SELECT :E'x'", "SELECT :E'x'"),  # a colon, then an escape string
+        ("SELECT :a$b", "SELECT :a$b"),  # a$b is one name to PostgreSQL
+        ("SELECT :a::int, a[1:n]", "SELECT %(a)s::int, a[1%(n)s]"),
+    ],
+)
+def test_named_parameters_are_found_as_postgresql_reads_the_sql(sql: str, expected: str) -> None:
+    assert _to_pyformat(sql, "named") == expected
+
+
+def test_sql_whose_placeholders_cannot_be_read_is_refused() -> None:
+    with pytest.raises(ResourceError, match=r"unterminated /\* comment: it cannot be read"):
+        _to_pyformat("SELECT :a /* never closed", "named")
+
+
+# -- settings shared by the engines -------------------------------------------------
+
+
+def test_both_engines_settings_share_one_base() -> None:
+    from cleveragents.resource.handlers.engine import EngineSettings
+    from cleveragents.resource.handlers.sqlite import SQLiteSettings
+
+    shared = {"engine", "busy_timeout", "checkpoint_ttl"}
+    for model in (PostgreSQLSettings, SQLiteSettings):
+        assert issubclass(model, EngineSettings)
+        assert shared <= set(model.model_fields)
+        for name in shared - {"engine"}:
+            field, base = model.model_fields[name], EngineSettings.model_fields[name]
+            assert (field.annotation, field.default, field.description) == (
+                base.annotation,
+                base.default,
+                base.description,
+            ), name
+    assert PostgreSQLSettings.model_config["hide_input_in_errors"] is True
+    assert PostgreSQLSettings.model_config["extra"] == "forbid"
+    assert SQLiteSettings.model_config["extra"] == "forbid"
+
+
+def test_making_an_engine_changes_no_class_attribute() -> None:
+    before = dict(vars(PostgreSQLEngine))
+    engine = PostgreSQLEngine()
+    assert dict(vars(PostgreSQLEngine)) == before
+    assert engine.driver_error is psycopg.Error
+    assert "driver_error" not in vars(PostgreSQLEngine)

@@ -608,7 +608,7 @@ class PostgreSQLEngine(Engine):
         failed = self._failure(results, conn)
         if failed is not None and failed[0] == 0:
             session.lost = _REPLACED_BY_PLAN
-            raise ResourceError(f"nothing was committed: {_REPLACED_BY_PLAN}")
+            raise ResourceError(f"COMMIT was not run: {_REPLACED_BY_PLAN}")
         if failed is not None and failed[0] == 1:
             raise failed[1]
         self._after_reset(session, failed)
