@@ -33,7 +33,7 @@ from agents.run_config import CallModelData, ModelInputData
 from agents.testing import ModelStep, ScriptedModel, assistant_message, function_call
 from agents.tool import default_tool_error_function
 from agents.tool_context import ToolContext
-from conftest import make_table, open_fds, query
+from conftest import make_table, query
 
 from cleveragents.errors import (
     CheckpointEvictedError,
@@ -45,6 +45,7 @@ from cleveragents.errors import (
 from cleveragents.integrations.openai_agents import AgentPlan, ToolRollback, plan_tool
 from cleveragents.resource import Resource
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
+from cleveragents.stress import count_fds
 
 set_tracing_disabled(True)  # no trace export, ever
 
@@ -1342,10 +1343,10 @@ def test_file_descriptors_return_to_baseline(tmp_path: Path) -> None:
 
     with DatabaseResourceHandler() as warm_up:
         asyncio.run(runs(warm_up))  # the SDK's imports and caches settle first
-    baseline = open_fds()
+    baseline = count_fds()
     with DatabaseResourceHandler() as handler:
         asyncio.run(runs(handler))
-    assert open_fds() <= baseline
+    assert count_fds() <= baseline
     assert items(path) == [f"ok-{number}" for number in range(5)]
 
 

@@ -46,7 +46,7 @@ def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 
 def _queued(handler: DatabaseResourceHandler) -> int:
     """Return how many plans wait for a write turn (the handler's own queue)."""
-    return sum(len(db.turnstile._queue) for db in handler._databases.values())
+    return sum(len(db.turnstile) for db in handler._resolver.databases.values())
 
 
 class _Worker(threading.Thread):

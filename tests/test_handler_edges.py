@@ -15,7 +15,7 @@ import pytest
 
 from cleveragents.errors import CheckpointEvictedError
 from cleveragents.resource import Resource
-from cleveragents.resource.handlers import database as database_module
+from cleveragents.resource.handlers import _finalize as finalize_module
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
 from cleveragents.resource.handlers.sqlite import SQLiteEngine
 
@@ -156,8 +156,8 @@ def test_a_reaper_that_fails_to_start_leaves_nothing_half_made(
 def test_an_evicted_plan_is_told_even_after_thousands_of_later_endings(
     make_handler: MakeHandler, db_path: Path, rows: Rows, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(database_module, "_MAX_ENDINGS", 50)
     handler = make_handler(max_connections=1, on_full="evict_lru")
+    handler._plans.endings.max_kept = 50
     resource = _database(db_path)
     handler.create_checkpoint(resource, "A", "step 1")
     handler.execute(resource, "A", "INSERT INTO t VALUES ('A step 1')")
@@ -167,11 +167,11 @@ def test_an_evicted_plan_is_told_even_after_thousands_of_later_endings(
     with pytest.raises(CheckpointEvictedError):
         handler.execute(resource, "A", "INSERT INTO t VALUES ('A step 2')")
     assert rows(db_path, "SELECT count(*) FROM t") == [(0,)]
-    assert len(handler._endings) == 199  # all younger than an hour: none forgotten
+    assert len(handler._plans.endings) == 199  # all younger than an hour: none forgotten
 
-    monkeypatch.setattr(database_module, "_ENDINGS_KEPT_FOR", 0.0)
+    handler._plans.endings.keep_for = 0.0
     handler.execute(resource, "last", "SELECT 1")  # evicts one more, then trims
-    assert len(handler._endings) == 50
+    assert len(handler._plans.endings) == 50
 
 
 def test_a_forked_child_keeps_nothing_of_the_handlers_it_inherited(
@@ -179,13 +179,13 @@ def test_a_forked_child_keeps_nothing_of_the_handlers_it_inherited(
 ) -> None:
     handler = make_handler()
     handler.create_checkpoint(_database(db_path), "p1", "a")
-    before = len(database_module._INHERITED)
+    before = len(finalize_module._INHERITED)
     handler._forget_after_fork()  # what the at-fork hook does in a child
     try:
-        kept = database_module._INHERITED[before:]
+        kept = finalize_module._INHERITED[before:]
         assert kept and all(handler not in entry for entry in kept)
     finally:
-        del database_module._INHERITED[before:]
+        del finalize_module._INHERITED[before:]
 
 
 def test_close_inside_a_connection_block_does_not_wait_for_itself(
@@ -200,7 +200,7 @@ def test_close_inside_a_connection_block_does_not_wait_for_itself(
         releasing = threading.Thread(target=lambda: _quietly(handler.release_plan, "p1"))
         releasing.start()
         deadline = time.monotonic() + 10
-        while "p1" in handler._plans and time.monotonic() < deadline:
+        while handler._plans.get("p1") is not None and time.monotonic() < deadline:
             time.sleep(0.01)
         started = time.monotonic()
         handler.close()  # must not wait for a plan only this block holds up

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes import RecordingSubscriber
 
 from cleveragents.errors import (
     CheckpointError,
@@ -18,7 +19,6 @@ from cleveragents.errors import (
     ResourceBusyError,
     ResourceError,
 )
-from cleveragents.hookspecs import hookimpl
 from cleveragents.plan import Plan, ResourceEntry, Step
 from cleveragents.plugins import get_plugin_manager
 from cleveragents.resource import Resource
@@ -219,19 +219,9 @@ def test_a_commit_failing_on_the_second_database_is_a_partial_commit(
 def test_a_failed_commit_is_reported_as_a_failed_plan(
     db_path: Path, faults: _Faults, rows: Any
 ) -> None:
-    events: list[str] = []
-
-    class Listener:
-        @hookimpl
-        def cleveragents_plan_completed(self, plan: Plan) -> None:
-            events.append("completed")
-
-        @hookimpl
-        def cleveragents_plan_failed(self, plan: Plan, error: BaseException) -> None:
-            events.append(f"failed: {type(error).__name__}")
-
+    listener = RecordingSubscriber("listener")
     pm = get_plugin_manager(load_entry_points=False)
-    pm.register(Listener(), name="listener")
+    pm.register(listener, name="listener")
     plan = Plan(
         id="p1",
         resources={"inv": ResourceEntry(kind="database", engine="sqlite", location=str(db_path))},
@@ -243,7 +233,10 @@ def test_a_failed_commit_is_reported_as_a_failed_plan(
     assert result.status == "failed"
     assert result.failed_step is None
     assert result.error is not None and "operation 'commit'" in result.error
-    assert events == ["failed: ResourceError"]
+    assert listener.log == [
+        "listener started p1",
+        f"listener failed p1: ResourceError: {result.error}",
+    ]
     assert rows(db_path, "SELECT v FROM t") == []
 
 

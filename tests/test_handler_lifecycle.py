@@ -25,7 +25,6 @@ from cleveragents.errors import (
     ResourceError,
 )
 from cleveragents.resource import Resource
-from cleveragents.resource.handlers import database as database_module
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
 from cleveragents.resource.handlers.sqlite import SQLiteEngine
 
@@ -266,9 +265,9 @@ def test_idle_connections_are_closed_after_idle_timeout(
 def test_only_the_latest_endings_are_remembered_once_old_enough(
     make_handler: MakeHandler, db_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(database_module, "_MAX_ENDINGS", 2)
-    monkeypatch.setattr(database_module, "_ENDINGS_KEPT_FOR", 0.0)
     handler = make_handler(max_connections=4)
+    handler._plans.endings.max_kept = 2
+    handler._plans.endings.keep_for = 0.0
     for index in range(3):
         path = tmp_path / f"db{index}.db"
         handler.create_checkpoint(
@@ -335,8 +334,8 @@ def test_a_call_waiting_on_a_plan_that_ends_meanwhile_starts_afresh(
 def test_forgotten_databases_keep_the_bookkeeping_bounded(
     make_handler: MakeHandler, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(database_module, "_MAX_RESOLVED", 4)
     handler = make_handler(max_connections=2)
+    handler._resolver.max_entries = 4
     held = _database(tmp_path / "held.db", "held", busy_timeout="100ms")
     handler.create_checkpoint(held, "holder", "a")
     for index in range(12):
@@ -347,8 +346,8 @@ def test_forgotten_databases_keep_the_bookkeeping_bounded(
         variant = _database(tmp_path / "shared.db", f"shared{index}", busy_timeout=index + 1)
         handler.create_checkpoint(variant, "shared", "a")
         handler.release_plan("shared")
-    assert len(handler._databases) <= 5
-    assert len(handler._resolved) <= 4
+    assert len(handler._resolver.databases) <= 5
+    assert len(handler._resolver) <= 4
     # The database a live plan holds was kept, with its write turn.
     with pytest.raises(ResourceBusyError) as info:
         handler.create_checkpoint(held, "late", "a")

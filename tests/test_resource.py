@@ -6,17 +6,15 @@ import copy
 import dataclasses
 import pickle
 import types
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import pytest
-from pydantic import BaseModel
+from fakes import FakeEngine, FakeHandler
 
-from cleveragents.resource import CheckpointResult, Resource, ResourceHandler
+from cleveragents.resource import CheckpointResult, Resource
 from cleveragents.resource.base import make_checkpoint_result
 from cleveragents.resource.handlers.database import DatabaseResourceHandler, HandlerStats
-from cleveragents.resource.handlers.engine import Engine
 
 
 def _inventory(**extra: object) -> Resource:
@@ -177,42 +175,10 @@ def test_handler_stats_after_close_shows_everything_freed(tmp_path: Path) -> Non
     assert stats.commits == 0
 
 
-class _MinimalHandler(ResourceHandler):
-    """A handler that implements only what it must."""
-
-    kind = "minimal"
-
-    def __init__(self, **settings: Any) -> None:
-        self.settings = settings
-        self.ended: list[str] = []
-
-    @classmethod
-    def validate_settings(cls, resource: Resource) -> Any:
-        return None
-
-    def connection(self, resource: Resource, plan_id: str) -> Any:
-        raise NotImplementedError
-
-    def create_checkpoint(self, resource: Resource, plan_id: str, checkpoint_id: str) -> Any:
-        raise NotImplementedError
-
-    def rollback_to(self, resource: Resource, plan_id: str, checkpoint_id: str) -> None:
-        raise NotImplementedError
-
-    def release_plan(self, plan_id: str) -> None:
-        self.ended.append(f"released {plan_id}")
-
-    def rollback_plan(self, plan_id: str) -> None:
-        self.ended.append(f"rolled back {plan_id}")
-
-    def close(self) -> None:
-        self.ended.append("closed")
-
-
 def test_handler_base_class_defaults() -> None:
-    handler = _MinimalHandler.from_config(size=3)
+    handler = FakeHandler.from_config(size=3)
     assert handler.settings == {"size": 3}
-    assert _MinimalHandler.settings_json_schema() == {"type": "object"}
+    assert FakeHandler.settings_json_schema() == {"type": "object"}
     assert handler.stats() == {}
     handler.interrupt()  # nothing to interrupt
     plan = types.SimpleNamespace(id="p1")
@@ -220,60 +186,12 @@ def test_handler_base_class_defaults() -> None:
     handler.cleveragents_plan_failed(plan)  # type: ignore[arg-type]
     with handler:
         pass
-    assert handler.ended == ["released p1", "rolled back p1", "closed"]
-
-
-class _MinimalEngine(Engine):
-    """An engine that implements only what it must."""
-
-    name = "minimal"
-    settings_model = BaseModel
-    serializes_writers = False
-    driver_error = OSError
-
-    def identity(self, settings: Any, resource_name: str) -> Hashable:
-        return resource_name
-
-    def connection_config(self, settings: Any) -> Hashable:
-        return None
-
-    def open(self, settings: Any, *, application_name: str) -> Any:
-        return object()
-
-    def begin(self, conn: Any, settings: Any, *, plan_id: str) -> None:
-        """Nothing to begin."""
-
-    def savepoint(self, conn: Any, name: str) -> None:
-        """Nothing to save."""
-
-    def rollback_to(self, conn: Any, name: str) -> None:
-        """Nothing to undo."""
-
-    def commit(self, conn: Any) -> None:
-        """Nothing to keep."""
-
-    def rollback(self, conn: Any) -> None:
-        """Nothing to undo."""
-
-    def execute(self, conn: Any, sql: str, params: Any) -> list[tuple[Any, ...]]:
-        return []
-
-    def is_clean(self, conn: Any) -> bool:
-        return True
-
-    def close(self, conn: Any) -> None:
-        """Nothing to close."""
-
-    def interrupt(self, conn: Any) -> None:
-        """Nothing to interrupt."""
-
-    def classify(self, exc: BaseException) -> Any:
-        return "other"
+    assert handler.log == ["handler released p1", "handler rolled back p1", "handler closed"]
 
 
 def test_engine_base_class_defaults() -> None:
-    engine = _MinimalEngine()
-    assert engine.describe(None) == "minimal"
+    engine = FakeEngine()
+    assert engine.describe(None) == "fake"
     assert engine.is_memory(None) is False
     assert engine.takes_turns(None) is False
     assert engine.check_committable(object()) is None

@@ -9,12 +9,12 @@ from typing import Any
 
 import pluggy
 import pytest
+from fakes import FakeHandler
 
 from cleveragents.errors import ResourceError
 from cleveragents.hookspecs import hookimpl
 from cleveragents.plan import Plan, ResourceEntry, Step
 from cleveragents.plugins import get_plugin_manager
-from cleveragents.resource import Resource, ResourceHandler
 from cleveragents.resource.registry import ResourceRegistry
 from cleveragents.runtime import PlanResult, Runtime
 from cleveragents.tools import ToolContext, ToolRegistry
@@ -341,32 +341,10 @@ def test_handlers_are_made_once_per_kind_and_refused_after_close(tools: _Tools) 
         runtime.handler("database")
 
 
-class _NoSql(ResourceHandler):
+class _NoSql(FakeHandler):
     """A resource kind that cannot run SQL."""
 
     kind = "nosql"
-
-    @classmethod
-    def validate_settings(cls, resource: Resource) -> Any:
-        return None
-
-    def connection(self, resource: Resource, plan_id: str) -> Any:
-        raise NotImplementedError
-
-    def create_checkpoint(self, resource: Resource, plan_id: str, checkpoint_id: str) -> Any:
-        raise NotImplementedError
-
-    def rollback_to(self, resource: Resource, plan_id: str, checkpoint_id: str) -> None:
-        raise NotImplementedError
-
-    def release_plan(self, plan_id: str) -> None:
-        """Nothing to commit."""
-
-    def rollback_plan(self, plan_id: str) -> None:
-        """Nothing to undo."""
-
-    def close(self) -> None:
-        """Nothing to free."""
 
 
 def test_sql_on_a_kind_that_cannot_run_it_fails_the_step() -> None:
@@ -384,7 +362,9 @@ def test_sql_on_a_kind_that_cannot_run_it_fails_the_step() -> None:
     )
     with Runtime(plugin_manager=pm) as runtime:
         result = runtime.run(plan)
-        assert isinstance(runtime.handlers["nosql"], _NoSql)
+        handler = runtime.handlers["nosql"]
+        assert isinstance(handler, _NoSql)
+    assert handler.log == ["handler rolled back p", "handler closed"]
     assert result.status == "failed"
     assert not result.completed
     assert result.error == "resource kind 'nosql' cannot run SQL"
