@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from cleveragents.errors import PlanError, ResourceError
 from cleveragents.plan import load_plan
 from cleveragents.resource import Resource
+from cleveragents.resource.handlers import _pgsql as pgsql
 from cleveragents.resource.handlers import postgresql
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
 from cleveragents.resource.handlers.postgresql import (
@@ -356,6 +360,9 @@ _ONE = "more than one statement"
         ("CoMmIt", "COMMIT: cleveragents owns"),
         ("comm\u0131t", None),  # a dotless i: a name, not the keyword
         ("SELECT 1;;", None),
+        ("SELECT 1; -- the end", None),
+        ("SELECT 1 -- x\n ; /* the end */ ; ", None),
+        ("SELECT 1 -- x\n ; 'y'", _ONE),
         (";; SELECT 1 ; ", None),
         ("", None),
         ("  -- nothing\n/* at all */", None),
@@ -455,3 +462,80 @@ def test_making_an_engine_changes_no_class_attribute() -> None:
     assert dict(vars(PostgreSQLEngine)) == before
     assert engine.driver_error is psycopg.Error
     assert "driver_error" not in vars(PostgreSQLEngine)
+
+
+# -- the fast reading cuts SQL as the token-by-token one ----------------------------
+
+_ALPHABET = [
+    " ", "\n", "\r", ";", "--", "/*", "*/", "'", "''", "E'", "\\", "$$", "$a$", "$1", '"',
+    "U&'", "X'", "\u00d7", "a", "E", "1", ".", ":", "::", "?", "%", "-", "/", "*", "(", "x$",
+]  # fmt: skip
+_TEXTS = st.lists(st.sampled_from(_ALPHABET), max_size=16).map("".join)
+
+
+def _count_one_by_one(sql: str, standard: bool) -> int:
+    count, inside = 0, False
+    for kind, _, _ in pgsql.tokens(sql, standard_strings=standard):
+        if kind in {"space", "comment"}:
+            continue
+        if kind == "semicolon":
+            inside = False
+        elif not inside:
+            inside, count = True, count + 1
+    return count
+
+
+def _placeholders_one_by_one(sql: str) -> str:
+    parts = []
+    found = list(pgsql.tokens(sql))
+    index = 0
+    while index < len(found):
+        kind, start, end = found[index]
+        text, index = sql[start:end], index + 1
+        if kind != "other":
+            parts.append(text.replace("%", "%%"))
+        elif text == "%":
+            parts.append("%%")
+        elif text == ":" and sql.startswith(":", end):
+            parts.append("::")
+            index += 1
+        elif text == ":" and index < len(found) and found[index][0] == "word":
+            name = sql[found[index][1] : found[index][2]]
+            if found[index][1] == end and re.fullmatch(r"[A-Za-z_]\w*", name):
+                parts.append(f"%({name})s")
+                index += 1
+            else:
+                parts.append(text)
+        else:
+            parts.append(text)
+    return "".join(parts)
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=_TEXTS, standard=st.booleans())
+def test_counting_statements_in_stretches_agrees_with_token_by_token(
+    text: str, standard: bool
+) -> None:
+    try:
+        expected: int | None = _count_one_by_one(text, standard)
+    except pgsql.Unreadable:
+        expected = None
+    try:
+        count: int | None = pgsql.outline(text, standard_strings=standard)[0]
+    except pgsql.Unreadable:
+        count = None
+    assert count == expected, text
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=_TEXTS)
+def test_finding_placeholders_in_stretches_agrees_with_token_by_token(text: str) -> None:
+    try:
+        expected: str | None = _placeholders_one_by_one(text)
+    except pgsql.Unreadable:
+        expected = None
+    try:
+        found: str | None = _to_pyformat.__wrapped__(text, "named")  # type: ignore[attr-defined]
+    except ResourceError:
+        found = None
+    assert found == expected, text

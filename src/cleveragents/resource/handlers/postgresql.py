@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, NoReturn
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from cleveragents.errors import ResourceError
-from cleveragents.resource.handlers._pgsql import Unreadable, outline, tokens
+from cleveragents.resource.handlers._pgsql import NAME_CHARS, Unreadable, outline, tokens
 from cleveragents.resource.handlers.engine import (
     OWNS_TRANSACTION,
     Engine,
@@ -367,38 +367,46 @@ def _to_pyformat(sql: str, style: Literal["named", "qmark"]) -> str:
     :raises ResourceError: the SQL cannot be read with certainty.
     """
     try:
-        found = list(tokens(sql))
+        found = list(tokens(sql, plain="statements"))
     except Unreadable as exc:
         raise ResourceError(f"plans may not run {_unreadable(exc)}") from None
-    parts: list[str] = []
-    index = 0
-    while index < len(found):
-        kind, start, end = found[index]
-        text = sql[start:end]
-        index += 1
-        if kind != "other":
-            parts.append(text.replace("%", "%%"))
-        elif text == "%":
-            parts.append("%%")
-        elif text == "?" and style == "qmark":
-            parts.append("%s")
-        elif text == ":" and index < len(found) and found[index][1] == end:
-            following, _, after = found[index]
-            name = sql[end:after]
-            if following == "other" and name == ":":
-                parts.append("::")  # a cast, not a parameter
-                index += 1
-            elif following == "word" and style == "named" and _PARAMETER.fullmatch(name):
-                parts.append(f"%({name})s")
-                index += 1
-            else:
-                parts.append(text)
-        else:
-            parts.append(text)
-    return "".join(parts)
+    replace = _named_placeholder if style == "named" else _qmark_placeholder
+    return "".join(
+        _PLACEHOLDER.sub(replace, sql[start:end])
+        if kind in {"plain", "other"}
+        else sql[start:end].replace("%", "%%")  # a string, quoted name or comment
+        for kind, start, end in found
+    )
 
 
-_PARAMETER = re.compile(r"[A-Za-z_]\w*")
+# In a stretch of tokens: a standard string, quoted name or -- comment (whole,
+# as the lexer cut the stretch), a cast, a :name placeholder (a Python
+# identifier that is a whole name to PostgreSQL, not the E of an E'...'
+# string), ?, or %.
+_PLACEHOLDER = re.compile(
+    rf"""(?P<quoted>'(?:[^']+|'')*+'|"(?:[^"]+|"")*+"|--[^\n\r]*)
+    | ::
+    | :(?P<name>(?![eEbBxX]')(?![uU]&['"])[A-Za-z_]\w*(?![{NAME_CHARS}]))
+    | \?
+    | %""",
+    re.VERBOSE,
+)
+
+
+def _named_placeholder(match: re.Match[str]) -> str:
+    token = match[0]
+    if match["name"] is not None:
+        return f"%({match['name']})s"
+    return "%%" if token == "%" else token.replace("%", "%%") if match["quoted"] else token
+
+
+def _qmark_placeholder(match: re.Match[str]) -> str:
+    token = match[0]
+    if token == "?":
+        return "%s"
+    return "%%" if token == "%" else token.replace("%", "%%") if match["quoted"] else token
+
+
 _SETTINGS = "a session setting would outlive the plan on a pooled connection; use SET LOCAL"
 _REFUSED_FIRST_WORDS = {
     "BEGIN": OWNS_TRANSACTION,
