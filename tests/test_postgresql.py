@@ -1674,3 +1674,155 @@ def test_a_session_lost_on_any_path_of_a_block_expires_the_plan(
     with pytest.raises(ResourceError, match="server ended"):
         handler.release_plan("p")
     assert _values(db) == ["row"]
+
+
+# -- more ways a plan leaves its session, and what becomes of that session -----------------
+
+
+def test_sql_that_does_not_decode_or_comes_by_psycopgs_command_path_is_read_too(
+    make_handler: Callable[..., DatabaseResourceHandler], res: Resource, db: Any
+) -> None:
+    handler = make_handler()
+    with handler.connection(res, "p") as conn:
+        conn.execute("INSERT INTO t VALUES ('kept')")
+        with pytest.raises(ResourceError, match="does not decode in the session's client encoding"):
+            conn.cursor().execute(b"SELECT '\xff'; COMMIT")
+        with pytest.raises(ResourceError, match="plans may not run ROLLBACK"):
+            conn.wait(conn._exec_command("ROLLBACK"))  # psycopg's own command path
+        conn.cursor_factory = conn.cursor_factory  # guarded already: kept as it is
+        with pytest.raises(ResourceError, match="plans may not run COMMIT"):
+            conn.execute("COMMIT")
+    handler.release_plan("p")
+    assert _values(db) == ["kept"]
+
+
+def test_a_commit_that_fails_commits_nothing_and_the_session_is_reused(
+    make_handler: Callable[..., DatabaseResourceHandler], res: Resource, db: Any
+) -> None:
+    db.execute("CREATE TABLE u (k INT UNIQUE DEFERRABLE INITIALLY DEFERRED)")
+    handler = make_handler(max_connections=1)
+    handler.execute(res, "p", "INSERT INTO t VALUES ('never')")
+    handler.execute(res, "p", "INSERT INTO u VALUES (1), (1)")  # checked at COMMIT
+    handler.execute(res, "p", "PREPARE leftover AS SELECT 1")
+    with pytest.raises(ResourceError, match="duplicate key") as caught:
+        handler.release_plan("p")
+    assert isinstance(caught.value.__cause__, psycopg.errors.UniqueViolation)
+    assert _values(db) == []
+    assert handler.stats().idle_connections == 1  # reset, so pooled again
+    assert handler.execute(res, "next", "SELECT count(*) FROM pg_prepared_statements") == [(0,)]
+    handler.release_plan("next")
+
+
+def test_a_stream_left_running_poisons_the_plan_and_its_session_is_closed(
+    make_handler: Callable[..., DatabaseResourceHandler], res: Resource, db: Any
+) -> None:
+    handler = make_handler(max_connections=1)
+    with handler.connection(res, "p") as conn:
+        conn.execute("INSERT INTO t VALUES ('never')")
+        rows = conn.cursor().stream("SELECT generate_series(1, 100000)")
+        next(rows)  # the block ends with the statement still sending rows
+    with pytest.raises(ResourceError, match="still running on its session"):
+        handler.execute(res, "p", "SELECT 1")
+    with pytest.raises(ResourceError, match="nothing was committed"):
+        handler.release_plan("p")
+    del rows
+    assert _values(db) == []
+    assert handler.stats().open_connections == 0  # closed, never pooled
+    handler.execute(res, "next", "INSERT INTO t VALUES ('next')")
+    handler.release_plan("next")
+    assert _values(db) == ["next"]
+
+
+def test_a_pipeline_left_open_poisons_the_plan_and_its_session_is_closed(
+    make_handler: Callable[..., DatabaseResourceHandler], res: Resource, db: Any
+) -> None:
+    handler = make_handler(max_connections=1)
+    with handler.connection(res, "p") as conn:
+        conn.execute("INSERT INTO t VALUES ('never')")
+        pipeline = conn.pipeline()
+        pipeline.__enter__()  # never left
+    with pytest.raises(ResourceError, match="left its session in pipeline mode"):
+        handler.release_plan("p")
+    del pipeline
+    assert _values(db) == []
+    assert handler.stats().open_connections == 0
+
+
+def test_a_session_whose_guard_a_plan_switched_off_is_not_pooled(
+    make_handler: Callable[..., DatabaseResourceHandler], res: Resource, db: Any
+) -> None:
+    handler = make_handler(max_connections=1)
+    with handler.connection(res, "p") as conn:
+        conn.execute("INSERT INTO t VALUES ('kept')")
+        conn.handler_statement = True  # the guard lets everything through from now on
+    handler.release_plan("p")
+    assert _values(db) == ["kept"]
+    assert handler.stats().open_connections == 0  # closed: the next plan gets a guarded one
+    with handler.connection(res, "next") as conn, pytest.raises(ResourceError):
+        conn.execute("COMMIT")
+    handler.rollback_plan("next")
+
+
+def test_notifications_a_plan_received_do_not_reach_the_next_plan(
+    make_handler: Callable[..., DatabaseResourceHandler], res: Resource
+) -> None:
+    handler = make_handler(max_connections=1)
+    handler.execute(res, "p", "LISTEN news")
+    handler.execute(res, "p", "NOTIFY news, 'private to p'")
+    handler.release_plan("p")  # the session hears its own notification as it commits
+    with handler.connection(res, "next") as conn:
+        assert list(conn.notifies(timeout=0.2)) == []
+    handler.rollback_plan("next")
+
+
+def test_a_reset_that_fails_after_the_commit_keeps_the_commit_and_closes_the_session(
+    make_handler: Callable[..., DatabaseResourceHandler],
+    res: Resource,
+    db: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(postgresql_module, "_RESET", "SELECT 1 / 0")
+    handler = make_handler()
+    handler.execute(res, "p", "INSERT INTO t VALUES ('committed')")
+    with caplog.at_level(logging.INFO, logger=postgresql_module.__name__):
+        handler.release_plan("p")  # the COMMIT worked: no error for the plan
+    assert _values(db) == ["committed"]
+    assert handler.stats().commits == 1
+    assert handler.stats().open_connections == 0  # not pooled: it may hold the plan's state
+    assert "resetting a session failed" in caplog.text
+
+
+def test_the_engine_tells_a_transaction_ended_around_it_and_an_unfinished_session(
+    pg_dsn: str,
+) -> None:
+    engine = postgresql_module.PostgreSQLEngine()
+    settings = postgresql_module.PostgreSQLSettings(engine="postgresql", dsn=pg_dsn)
+    conn = engine.open(settings, application_name="unused")
+    try:
+        conn.pgconn.exec_(b"BEGIN")  # a transaction the handler did not begin
+        assert not engine.is_clean(conn)
+        conn.pgconn.exec_(b"ROLLBACK")
+        assert engine.is_clean(conn)
+        engine.begin(conn, settings, plan_id="p")
+        assert engine.check_committable(conn) is None
+        conn.pgconn.exec_(b"COMMIT")
+        assert engine.check_committable(conn) == postgresql_module._GONE_BY_PLAN
+        engine.rollback(conn)  # nothing to roll back
+        assert not engine.is_clean(conn)
+    finally:
+        engine.close(conn)
+
+
+def test_a_plan_whose_session_died_gets_expired_on_every_later_call(
+    make_handler: Callable[..., DatabaseResourceHandler], res: Resource, db: Any
+) -> None:
+    handler = make_handler()
+    with handler.connection(res, "p") as conn:
+        pid = conn.info.backend_pid
+    db.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    assert _wait_until(lambda: _gone(db, pid))
+    for label in ("first", "second"):  # the first learns of it, the second finds it closed
+        with pytest.raises(CheckpointExpiredError):
+            handler.create_checkpoint(res, "p", label)
+    handler.rollback_plan("p")

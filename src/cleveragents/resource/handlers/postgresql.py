@@ -208,6 +208,7 @@ _STILL_RUNNING = (
 )
 _PIPELINE_LEFT = "the plan left its session in pipeline mode"
 _UNKNOWN_STATE = "the plan's session is in an unknown state"
+_UNVERIFIED = "asking the server whether the plan's transaction is still open failed"
 _ABORTED = (
     "a statement failed and PostgreSQL aborted the transaction, so the plan was "
     "rolled back; roll back to a checkpoint after a failed statement to go on"
@@ -618,6 +619,10 @@ class PostgreSQLEngine(Engine):
             session.lost = _REPLACED_BY_PLAN
             raise ResourceError(f"COMMIT was not run: {_REPLACED_BY_PLAN}")
         if failed is not None and failed[0] == 1:
+            # COMMIT failed (a deferred constraint, a serialization failure): the
+            # server rolled the transaction back; reset the session all the same.
+            if conn.pgconn.transaction_status == self._idle:
+                self._after_reset(session, self._failure(self._script(conn, _RESET), conn))
             raise failed[1]
         self._after_reset(session, failed)
 
@@ -625,16 +630,13 @@ class PostgreSQLEngine(Engine):
         if conn.closed or conn.pgconn.transaction_status == self._idle:
             return  # nothing open: a lost session was rolled back by the server
         try:
-            results = self._script(conn, f"ROLLBACK; {_RESET}")
+            failed = self._failure(self._script(conn, f"ROLLBACK; {_RESET}"), conn)
+            if failed is not None and failed[0] == 0:
+                raise failed[1]
         except self._pg.OperationalError:
-            if not conn.closed:
-                raise
-            return
-        failed = self._failure(results, conn)
-        if failed is not None and failed[0] == 0:
             if conn.closed:
                 return  # the server ended the session, which rolled the transaction back
-            raise failed[1]
+            raise
         self._after_reset(conn.plan_session, failed)
 
     def _after_reset(self, session: _Session, failed: tuple[int, Exception] | None) -> None:
@@ -702,12 +704,13 @@ class PostgreSQLEngine(Engine):
     def _verify(self, conn: Any, session: _Session) -> str | None:
         """Ask the server whether the plan's transaction is still open on *conn* (a round trip)."""
         try:
-            results = self._script(conn, f"SHOW {_TOKEN_SETTING}")
-        except self._pg.Error:
-            return _GONE_BY_SERVER if conn.closed else _UNKNOWN_STATE
-        failed = self._failure(results, conn)
-        if failed is not None:
-            return _GONE_BY_SERVER if self.classify(failed[1]) == "lost" else None
+            results = self._own(conn, f"SHOW {_TOKEN_SETTING}")
+        except self._pg.errors.ObjectInUse:
+            return _STILL_RUNNING
+        except self._pg.Error as exc:
+            # Dead, or the question failed and so aborted the transaction: no commit either way.
+            lost = conn.closed or self.classify(exc) == "lost"
+            return _GONE_BY_SERVER if lost else _UNVERIFIED
         if results[0].get_value(0, 0) != session.token:
             return _REPLACED_BY_PLAN
         session.marker = conn.pgconn.parameter_status(b"application_name")
@@ -783,11 +786,15 @@ class PostgreSQLEngine(Engine):
         factory or adapter the plan may have set has a say.
         """
         pgconn = conn.pgconn
-        with conn.lock:
-            if pgconn.status == self._bad:
-                raise self._pg.OperationalError("the connection is closed")
-            pgconn.send_query(sql.encode())
+        # Never wait for psycopg's lock: whoever holds it is outside the plan's
+        # lease (a stream() left unfinished holds it until it is dropped).
+        if not conn.lock.acquire(blocking=False):
+            raise self._pg.errors.ObjectInUse(_STILL_RUNNING)
+        try:
+            pgconn.send_query(sql.encode())  # raises OperationalError on a closed session
             results: list[Any] = conn.wait(self._results_of(pgconn))
+        finally:
+            conn.lock.release()
         conn.plan_session.last_active = time.monotonic()
         return results
 
@@ -856,10 +863,7 @@ class PostgreSQLEngine(Engine):
 
 def _readable(socket: int) -> bool:
     """Whether the server sent something unasked: while idle in a transaction, its goodbye."""
-    try:
-        readable, _, _ = select.select([socket], [], [], 0)
-    except (OSError, ValueError):
-        return True  # no socket to ask: a round trip will tell
+    readable, _, _ = select.select([socket], [], [], 0)
     return bool(readable)
 
 
