@@ -917,7 +917,7 @@ def test_sql_that_slips_past_the_reading_still_cannot_commit_later_statements(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The backstop behind the statement check: pretend the check missed a COMMIT.
-    monkeypatch.setattr(postgresql_module, "_refusal", lambda sql, standard=True: None)
+    monkeypatch.setattr(postgresql_module, "_read", lambda sql, standard=True: (None, ""))
     handler = make_handler()
     handler.execute(res, "p", "INSERT INTO t VALUES ('x')")
     with pytest.raises(ResourceError, match=r"ended the plan's transaction \(ROLLBACK\)"):
@@ -1246,7 +1246,7 @@ _LEFTOVERS: dict[str, tuple[str, str | None]] = {
     ),
     "prepared statement": (
         "PREPARE leftover AS SELECT 1",
-        "SELECT count(*) = 0 FROM pg_prepared_statements",
+        "SELECT count(*) = 0 FROM pg_prepared_statements WHERE from_sql",
     ),
     "advisory lock": (
         "SELECT pg_advisory_lock(4242)",
@@ -1350,7 +1350,7 @@ def test_what_a_plan_set_on_the_connection_object_does_not_reach_the_next_plan(
     with handler.connection(res, "next") as conn:
         assert conn.row_factory is psycopg.rows.tuple_row
         assert not issubclass(conn.cursor_factory, psycopg.ClientCursor)
-        assert conn.prepare_threshold is None
+        assert conn.prepare_threshold == 5  # psycopg's default
         conn.execute("INSERT INTO t VALUES (%s)", ("quiet",))
         conn.execute("DO $$ BEGIN RAISE NOTICE 'private to the next plan'; END $$")
         assert conn.execute("SELECT 1 AS one").fetchone() == (1,)
@@ -1782,7 +1782,7 @@ def test_a_reset_that_fails_after_the_commit_keeps_the_commit_and_closes_the_ses
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr(postgresql_module, "_RESET", "SELECT 1 / 0")
+    monkeypatch.setattr(postgresql_module, "_RESET_SESSION", "SELECT 1 / 0")
     handler = make_handler()
     handler.execute(res, "p", "INSERT INTO t VALUES ('committed')")
     with caplog.at_level(logging.INFO, logger=postgresql_module.__name__):
@@ -1826,3 +1826,35 @@ def test_a_plan_whose_session_died_gets_expired_on_every_later_call(
         with pytest.raises(CheckpointExpiredError):
             handler.create_checkpoint(res, "p", label)
     handler.rollback_plan("p")
+
+
+def test_psycopgs_prepared_statements_serve_later_plans_and_stay_in_step_with_the_server(
+    make_handler: Callable[..., DatabaseResourceHandler], res: Resource, db: Any
+) -> None:
+    # One session: a statement run often enough is prepared by psycopg and kept
+    # for the next plans; a rollback, or a plan that PREPAREs statements of its
+    # own, deallocates everything, and psycopg is told so.
+    handler = make_handler(max_connections=1)
+    insert = "INSERT INTO t VALUES (:v)"
+    count = "SELECT count(*) FROM pg_prepared_statements WHERE NOT from_sql"
+    for n in range(6):
+        handler.execute(res, f"p{n}", insert, {"v": f"a{n}"})
+        handler.release_plan(f"p{n}")
+    handler.execute(res, "again", insert, {"v": "b"})  # prepared, kept across commits
+    assert handler.execute(res, "again", count) == [(1,)]
+    handler.release_plan("again")
+    handler.execute(res, "undone", insert, {"v": "never"})
+    handler.rollback_plan("undone")  # deallocates, and psycopg forgets its names
+    assert handler.execute(res, "after", count) == [(0,)]
+    handler.execute(res, "after", insert, {"v": "e"})
+    handler.release_plan("after")
+    for n in range(6):
+        handler.execute(res, f"q{n}", insert, {"v": f"c{n}"})
+        if n == 3:
+            handler.execute(res, f"q{n}", "PREPARE mine AS SELECT 1")
+        handler.release_plan(f"q{n}")
+    handler.execute(res, "last", insert, {"v": "d"})
+    left = "SELECT count(*) FROM pg_prepared_statements WHERE from_sql"
+    assert handler.execute(res, "last", left) == [(0,)]
+    handler.release_plan("last")
+    assert len(_values(db)) == 6 + 1 + 1 + 6 + 1

@@ -180,6 +180,12 @@ class _Session:
     clean: bool = True
     #: Why the plan's transaction is gone, once noticed.
     lost: str | None = None
+    #: Whether the plan declared cursors (WITH HOLD ones outlive its transaction).
+    declared: bool = False
+    #: Whether the plan prepared or deallocated statements (which outlive its transaction).
+    prepared: bool = False
+    #: psycopg's prepare_threshold and prepared_max when the session was opened.
+    prepare: tuple[int | None, int | None] = (5, 100)
 
 
 # A transaction-local setting holding a random token the handler sets at BEGIN:
@@ -187,13 +193,28 @@ class _Session:
 # unlike any SELECT, takes no snapshot: the plan may still SET TRANSACTION
 # ISOLATION LEVEL as its first statement.
 _TOKEN_SETTING = "cleveragents.transaction"
-# Everything a plan can leave on a session, undone (DISCARD ALL, which cannot
-# share a message with COMMIT). RESET ALL brings back the session's startup
-# values, which hold the handler's lock_timeout and idle backstop.
-_RESET = (
-    "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; DEALLOCATE ALL; UNLISTEN *; "
-    "SELECT pg_catalog.pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES"
+# Everything a plan can leave on a session, undone as DISCARD ALL would (which
+# cannot share a message with COMMIT). RESET ALL brings back the session's
+# startup values, which hold the handler's lock_timeout and idle backstop.
+# Cursors WITH HOLD and prepared statements only come from DECLARE and PREPARE,
+# which the guard sees: they are closed and deallocated only when there are some
+# (psycopg's own prepared statements serve the next plans; its cache knows them).
+_RESET_SESSION = (
+    "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; DISCARD TEMP; DISCARD SEQUENCES"
 )
+_UNLOCK = "pg_catalog.pg_advisory_unlock_all()"
+# Before COMMIT, in one statement: the transaction is still the plan's (a
+# division by zero if not, and then nothing after it runs); session advisory
+# locks go.
+_BEFORE_COMMIT = (
+    "SELECT 1 OPERATOR(pg_catalog./) (pg_catalog.current_setting('{setting}') "
+    "OPERATOR(pg_catalog.=) '{token}')::pg_catalog.int4, " + _UNLOCK
+)
+# A transaction rolled back takes what it set, made or listened to with it;
+# what is left is what is not transactional. Every prepared statement goes,
+# psycopg's too, as psycopg does itself when it sees a ROLLBACK: one may have
+# been planned against tables the rollback changed.
+_AFTER_ROLLBACK = f"SELECT {_UNLOCK}; DEALLOCATE ALL; DISCARD SEQUENCES"
 _GONE_BY_PLAN = (
     "SQL the plan ran around cleveragents' guard ended its transaction "
     "(e.g. a COMMIT through conn.pgconn)"
@@ -255,9 +276,13 @@ def _check_sql(conn: Any, query: Any, encoding: str) -> None:
     elif not isinstance(query, str):
         query = query.as_string(conn)  # a psycopg.sql composition
     standard = conn.pgconn.parameter_status(b"standard_conforming_strings") != b"off"
-    refusal = _refusal(query, standard)
+    refusal, first = _read(query, standard)
     if refusal is not None:
         raise ResourceError(f"plans may not run {refusal}")
+    if first == "DECLARE":
+        conn.plan_session.declared = True
+    elif first in _PREPARING:
+        conn.plan_session.prepared = True
 
 
 class _GuardedCursor:
@@ -427,9 +452,17 @@ def _unreadable(exc: Unreadable) -> str:
     return f"SQL with {exc}: it cannot be read with certainty"
 
 
-@functools.lru_cache(maxsize=1024)
+_PREPARING = frozenset({"PREPARE", "DEALLOCATE"})
+
+
 def _refusal(sql: str, standard_strings: bool = True) -> str | None:
-    """Say why a plan may not run *sql*, or ``None`` when it may.
+    """Say why a plan may not run *sql*, or ``None`` when it may (see :func:`_read`)."""
+    return _read(sql, standard_strings)[0]
+
+
+@functools.lru_cache(maxsize=1024)
+def _read(sql: str, standard_strings: bool = True) -> tuple[str | None, str]:
+    """Say why a plan may not run *sql* (or ``None``), and what its first word is.
 
     The statement is read as PostgreSQL's lexer reads it (*standard_strings*
     is the session's ``standard_conforming_strings``): there must be one
@@ -440,19 +473,17 @@ def _refusal(sql: str, standard_strings: bool = True) -> str | None:
     try:
         count, words = outline(sql, standard_strings=standard_strings)
     except Unreadable as exc:
-        return _unreadable(exc)
+        return _unreadable(exc), ""
+    first, second = [*words, "", ""][:2]
     if count > 1:
-        return "more than one statement at a time: plans run one statement per step or call"
-    if not words:
-        return None
-    first, second = words[0], words[1] if len(words) > 1 else ""
+        return "more than one statement at a time: plans run one statement per step or call", first
     if first in _REFUSED_FIRST_WORDS:
-        return f"{first}: {_REFUSED_FIRST_WORDS[first]}"
+        return f"{first}: {_REFUSED_FIRST_WORDS[first]}", first
     if first == "PREPARE" and second == "TRANSACTION":
-        return f"PREPARE TRANSACTION: {OWNS_TRANSACTION}"
+        return f"PREPARE TRANSACTION: {OWNS_TRANSACTION}", first
     if first == "SET" and second not in ("LOCAL", "TRANSACTION", "CONSTRAINTS"):
-        return f"SET without LOCAL: {_SETTINGS}"
-    return None
+        return f"SET without LOCAL: {_SETTINGS}", first
+    return None, first
 
 
 def _quote_literal(text: str) -> str:
@@ -565,10 +596,8 @@ class PostgreSQLEngine(Engine):
             failure = self.redact(exc)
         if failure is not None:
             raise self._connect_error(f"cannot connect: {failure}")
-        # psycopg would prepare a statement run five times, under a name the
-        # next plan's DEALLOCATE ALL (the reset) or own PREPARE could reuse.
-        conn.prepare_threshold = None
         session = conn.plan_session
+        session.prepare = (conn.prepare_threshold, conn.prepared_max)
         session.verify_after = settings.checkpoint_ttl or self.default_checkpoint_ttl
         session.last_active = time.monotonic()
         return conn
@@ -605,46 +634,57 @@ class PostgreSQLEngine(Engine):
                 "the transaction is aborted; COMMIT would only roll it back"
             )
         session = conn.plan_session
-        # One message: make sure the transaction is still the plan's (a division
-        # by zero if not, and then nothing after it runs), COMMIT (RELEASE of
+        # One message: check and unlock (see _BEFORE_COMMIT), COMMIT (RELEASE of
         # the outermost savepoint does not commit on PostgreSQL), then reset.
-        token = (session.token or b"").decode()
-        check = (
-            f"SELECT 1 OPERATOR(pg_catalog./) (pg_catalog.current_setting('{_TOKEN_SETTING}') "
-            f"OPERATOR(pg_catalog.=) '{token}')::pg_catalog.int4"
+        before = _BEFORE_COMMIT.format(
+            setting=_TOKEN_SETTING, token=(session.token or b"").decode()
         )
-        results = self._script(conn, f"{check}; COMMIT; {_RESET}")
+        close = "CLOSE ALL; " if session.declared else ""
+        deallocate = "; DEALLOCATE ALL" if session.prepared else ""
+        results = self._script(conn, f"{before}; COMMIT; {close}{_RESET_SESSION}{deallocate}")
         failed = self._failure(results, conn)
         if failed is not None and failed[0] == 0:
+            if self.classify(failed[1]) != "other":
+                raise failed[1]  # the session ended or the check could not run
             session.lost = _REPLACED_BY_PLAN
             raise ResourceError(f"COMMIT was not run: {_REPLACED_BY_PLAN}")
         if failed is not None and failed[0] == 1:
             # COMMIT failed (a deferred constraint, a serialization failure): the
             # server rolled the transaction back; reset the session all the same.
             if conn.pgconn.transaction_status == self._idle:
-                self._after_reset(session, self._failure(self._script(conn, _RESET), conn))
+                self._after_reset(conn, self._failure(self._script(conn, _AFTER_ROLLBACK), conn))
             raise failed[1]
-        self._after_reset(session, failed)
+        self._after_reset(conn, failed, deallocated=session.prepared)
 
     def rollback(self, conn: Any) -> None:
         if conn.closed or conn.pgconn.transaction_status == self._idle:
             return  # nothing open: a lost session was rolled back by the server
         try:
-            failed = self._failure(self._script(conn, f"ROLLBACK; {_RESET}"), conn)
+            failed = self._failure(self._script(conn, f"ROLLBACK; {_AFTER_ROLLBACK}"), conn)
             if failed is not None and failed[0] == 0:
                 raise failed[1]
         except self._pg.OperationalError:
             if conn.closed:
                 return  # the server ended the session, which rolled the transaction back
             raise
-        self._after_reset(conn.plan_session, failed)
+        self._after_reset(conn, failed)
 
-    def _after_reset(self, session: _Session, failed: tuple[int, Exception] | None) -> None:
-        """Note whether the session may be pooled, now that the plan's transaction ended."""
-        session.token = None
+    def _after_reset(
+        self, conn: Any, failed: tuple[int, Exception] | None, *, deallocated: bool = True
+    ) -> None:
+        """Note whether the session may be pooled, now that the plan's transaction ended.
+
+        With *deallocated*, DEALLOCATE ALL was sent: psycopg is told its
+        prepared statements are gone (were it not, the session is closed anyway).
+        """
+        session: _Session = conn.plan_session
         if failed is not None:
             logger.info("resetting a session failed, so it is closed: %s", self.redact(failed[1]))
+        if deallocated:
+            conn._prepared.clear()
+            conn._prepared._to_flush.clear()  # nothing left to deallocate on the server
         session.clean = failed is None and session.lost is None
+        session.token, session.declared, session.prepared = None, False, False
 
     def execute(
         self, conn: Any, sql: str, params: Mapping[str, Any] | Sequence[Any] | None
@@ -756,7 +796,7 @@ class PostgreSQLEngine(Engine):
         conn.row_factory = self._tuple_row
         conn.cursor_factory = self._pg.Cursor
         conn.server_cursor_factory = self._pg.ServerCursor
-        conn.prepare_threshold = None
+        conn.prepare_threshold, conn.prepared_max = conn.plan_session.prepare
         conn._adapters = None  # a fresh copy of the global adapters when next asked
         conn._notice_handlers.clear()
         conn._notify_handlers.clear()
