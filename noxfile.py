@@ -44,7 +44,7 @@ LINT_PATHS = (
 )
 RUNNERS = ("tests", "bdd", "robot")
 # Every optional extra, so the code behind each is type-checked and tested.
-PACKAGE = ".[postgresql,agents,plot]"
+PACKAGE = ".[postgresql,agents,langgraph,plot,otel]"
 PG_VARIABLE = "CLEVERAGENTS_TEST_PG_DSN"
 PG_SERVER = ROOT / "scripts" / "pg-test-server"
 

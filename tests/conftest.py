@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from cleveragents.fds import count_fds
 from cleveragents.resource import Resource
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
-from cleveragents.stress import count_fds
 
 
 def fds_to(path: str | os.PathLike[str]) -> int:
@@ -50,7 +50,7 @@ def make_table(path: str | os.PathLike[str], ddl: str = "CREATE TABLE t (v TEXT)
 
 @pytest.fixture
 def fd_count() -> Callable[[], int]:
-    """Return :func:`cleveragents.stress.count_fds`, to count this process's open descriptors."""
+    """Return :func:`cleveragents.fds.count_fds`, to count this process's open descriptors."""
     return count_fds
 
 

@@ -357,8 +357,8 @@ steps:
         ("{id: a, sql: SELECT 1}", "a step with 'sql' or 'expect' needs 'resource'"),
         ("{id: a, tool: t, params: {x: 1}}", "'params' needs 'sql'"),
         ("{id: a, resource: inv, sql: SELECT 1, with: {x: 1}}", "'with' needs 'tool'"),
-        ('{id: "a\\tb", tool: t}', "must be 1 to 200 printable characters"),
-        ("{id: '', tool: t}", "must be 1 to 200 printable characters"),
+        ('{id: "a\\tb", tool: t}', "must be 1 to 256 printable characters"),
+        ("{id: '', tool: t}", "must be 1 to 256 printable characters"),
     ],
 )
 def test_step_shape_problems(plans: Path, kinds: ResourceRegistry, step: str, message: str) -> None:

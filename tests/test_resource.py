@@ -6,15 +6,12 @@ import copy
 import dataclasses
 import pickle
 import types
-from collections.abc import Mapping
-from pathlib import Path
 
 import pytest
 from fakes import FakeEngine, FakeHandler
 
 from cleveragents.resource import CheckpointResult, Resource
 from cleveragents.resource.base import make_checkpoint_result
-from cleveragents.resource.handlers.database import DatabaseResourceHandler, HandlerStats
 
 
 def _inventory(**extra: object) -> Resource:
@@ -132,49 +129,6 @@ def test_resource_needs_a_name_and_a_kind(name: object, kind: object, match: str
         Resource(name, kind)  # type: ignore[arg-type]
 
 
-def test_handler_stats_reads_as_a_mapping(tmp_path: Path) -> None:
-    resource = Resource("db", "database", engine="sqlite", location=str(tmp_path / "s.db"))
-    with DatabaseResourceHandler(max_connections=2) as handler:
-        handler.create_checkpoint(resource, "p1", "first")
-        handler.create_checkpoint(resource, "p1", "second")
-        stats = handler.stats()
-    assert isinstance(stats, Mapping)
-    assert isinstance(stats, HandlerStats)
-    assert stats["open_connections"] == stats.open_connections == 1
-    assert stats["active_plans"] == 1
-    assert stats["checkpoints"] == 2
-    assert set(stats) >= {
-        "open_connections",
-        "idle_connections",
-        "active_plans",
-        "checkpoints",
-        "commits",
-        "rollbacks",
-        "reaped",
-        "evicted",
-        "close_failures",
-    }
-    assert len(stats) == len(list(stats)) == len(dict(stats))
-    assert dict(stats)["commits"] == 0
-    assert stats.get("no_such_counter") is None
-    assert "checkpoints" in stats
-    with pytest.raises(KeyError):
-        stats["no_such_counter"]
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        stats.commits = 5  # type: ignore[misc]
-
-
-def test_handler_stats_after_close_shows_everything_freed(tmp_path: Path) -> None:
-    resource = Resource("db", "database", engine="sqlite", location=str(tmp_path / "s.db"))
-    handler = DatabaseResourceHandler(max_connections=2)
-    handler.create_checkpoint(resource, "p1", "first")
-    handler.close()
-    stats = handler.stats()
-    assert (stats.open_connections, stats.idle_connections, stats.active_plans) == (0, 0, 0)
-    assert stats.rollbacks == 1
-    assert stats.commits == 0
-
-
 def test_handler_base_class_defaults() -> None:
     handler = FakeHandler.from_config(size=3)
     assert handler.settings == {"size": 3}
@@ -209,15 +163,3 @@ def test_the_fast_checkpoint_result_is_an_ordinary_one() -> None:
     assert dataclasses.asdict(made) == dataclasses.asdict(plain)
     with pytest.raises(dataclasses.FrozenInstanceError):
         made.depth = 3  # type: ignore[misc]
-
-
-def test_equal_resources_made_apart_share_the_plans_lease(tmp_path: Path) -> None:
-    def inventory() -> Resource:
-        return Resource("inv", "database", engine="sqlite", location=str(tmp_path / "inv.db"))
-
-    with DatabaseResourceHandler() as handler:
-        first = handler.create_checkpoint(inventory(), "p1", "a")
-        second = handler.create_checkpoint(inventory(), "p1", "b")
-        assert (first.depth, second.depth) == (1, 2)
-        assert handler.stats().open_connections == 1
-        handler.rollback_plan("p1")

@@ -20,8 +20,8 @@ from bdd_support import (
 )
 from behave import given, then, when
 
+from cleveragents.fds import count_fds
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
-from cleveragents.stress import count_fds
 
 # -- file descriptors ---------------------------------------------------------
 
@@ -210,7 +210,7 @@ _EXIT_PROGRAM = """
 import sys
 from cleveragents.resource import Resource
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
-from cleveragents.stress import count_fds
+from cleveragents.fds import count_fds
 
 resource = Resource(name="inventory", kind="database", engine="sqlite", location=sys.argv[1])
 handler = DatabaseResourceHandler()

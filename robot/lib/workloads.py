@@ -20,9 +20,9 @@ from robot.api import logger
 from robot.api.deco import keyword
 
 from cleveragents.errors import CheckpointExpiredError, HandlerClosedError
+from cleveragents.fds import count_fds
 from cleveragents.resource import Resource
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
-from cleveragents.stress import count_fds
 from lib.common import fail
 from lib.ledger import connect
 

@@ -12,7 +12,9 @@ RULE = f"must be 1 to {MAX_ID} printable characters without control characters"
 
 def id_problem(value: object) -> str | None:
     """Return what is wrong with *value* as an id, or ``None`` if it is a good one."""
-    if not isinstance(value, str) or not value or len(value) > MAX_ID or _CONTROL.search(value):
+    if not isinstance(value, str) or not value or len(value) > MAX_ID:
+        return RULE
+    if not value.isprintable() and _CONTROL.search(value):  # isprintable() is the fast path
         return RULE
     return None
 

@@ -39,6 +39,10 @@ class Database:
         key = "location" if self.engine == "sqlite" else "dsn"
         return Resource(name, "database", engine=self.engine, **{key: self.where}, **settings)
 
+    def connect(self) -> Any:
+        """Open a separate connection (autocommit), outside any handler; close it yourself."""
+        return self._connect()
+
     def run(self, sql: str) -> None:
         """Run *sql* outside any handler, committed at once."""
         conn = self._connect()
@@ -124,7 +128,25 @@ def db(make_db: Callable[[str], Database]) -> Database:
 
 
 @pytest.fixture
-def handler(make_db: Callable[[str], Database]) -> Iterator[DatabaseResourceHandler]:
+def make_handler(
+    make_db: Callable[[str], Database],
+) -> Iterator[Callable[..., DatabaseResourceHandler]]:
+    """Return a factory of handlers, each closed after the test (before its databases go)."""
+    made: list[DatabaseResourceHandler] = []
+
+    def factory(**options: Any) -> DatabaseResourceHandler:
+        handler = DatabaseResourceHandler(**options)
+        made.append(handler)
+        return handler
+
+    yield factory
+    for handler in made:
+        handler.close()
+
+
+@pytest.fixture
+def handler(
+    make_handler: Callable[..., DatabaseResourceHandler],
+) -> DatabaseResourceHandler:
     """Return a handler with small limits, closed after the test (before its databases go)."""
-    with DatabaseResourceHandler(max_connections=4, acquire_timeout=2.0) as made:
-        yield made
+    return make_handler(max_connections=4, acquire_timeout=2.0)

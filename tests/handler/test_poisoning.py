@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -128,7 +129,7 @@ def test_a_lock_wait_inside_a_connection_block_is_busy(
         busy_timeout="200ms", **({"lock": "deferred"} if engine == "sqlite" else {})
     )
     assert handler.execute(res, "p", "SELECT count(*) FROM t") == [(1,)]
-    blocker = db._connect()
+    blocker = db.connect()
     try:
         if engine == "sqlite":
             blocker.execute("BEGIN IMMEDIATE")
@@ -145,3 +146,54 @@ def test_a_lock_wait_inside_a_connection_block_is_busy(
         blocker.close()
     handler.rollback_plan("p")
     assert db.rows() == ["held"]
+
+
+# A write that never ends on its own: only an interrupt stops it.
+ENDLESS_WRITE = {
+    "sqlite": "UPDATE t SET v = (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL "
+    "SELECT x + 1 FROM c) SELECT count(*) FROM c)",
+    "postgresql": "UPDATE t SET v = (SELECT 'slept' FROM pg_sleep(600))",
+}
+
+
+def test_an_interrupted_write_commits_nothing(
+    handler: DatabaseResourceHandler, db: Database, engine: str
+) -> None:
+    """interrupt() of a write: SQLite ends the transaction, PostgreSQL aborts it.
+
+    Either way the plan's release commits nothing and says so; on SQLite the
+    plan is poisoned at once (its next call raises), as nothing of its
+    transaction is left to go on with.
+    """
+    res = db.resource()
+    handler.execute(res, "p", "INSERT INTO t VALUES ('before')")
+    errors: list[BaseException] = []
+
+    def endless_write() -> None:
+        try:
+            handler.execute(res, "p", ENDLESS_WRITE[engine])
+        except BaseException as exc:
+            errors.append(exc)
+
+    writer = threading.Thread(target=endless_write)
+    writer.start()
+    while writer.is_alive():  # an interrupt before the statement starts is lost
+        handler.interrupt()
+        writer.join(0.05)
+    (error,) = errors
+    if engine == "sqlite":
+        assert isinstance(error, sqlite3.OperationalError) and str(error) == "interrupted"
+    else:
+        assert type(error).__name__ == "QueryCanceled", repr(error)
+    if engine == "sqlite":
+        with pytest.raises(ResourceError, match="can no longer commit"):
+            handler.execute(res, "p", "INSERT INTO t VALUES ('after')")
+    with pytest.raises(ResourceError, match="nothing was committed") as raised:
+        handler.release_plan("p")
+    assert not isinstance(raised.value, PartialCommitError)
+    assert db.rows() == []
+    stats = handler.stats()
+    assert (stats.active_plans, stats.open_connections) == (0, stats.idle_connections)
+    handler.execute(res, "q", "INSERT INTO t VALUES ('next')")
+    handler.release_plan("q")
+    assert db.rows() == ["next"]

@@ -63,7 +63,7 @@ def test_the_sweep_reaps_idle_plans_not_in_use_and_says_when_to_look_again() -> 
     assert idle.ended == "expired" and idle.lock.acquire(blocking=False)  # held, re-entrant
     assert earliest == 9.0  # the fresh plan; the busy one is looked at a whole TTL later
     assert table.get("busy") is busy.plan and table.get("fresh") is fresh.plan
-    error = table.endings.pop("idle")
+    error = table.endings.pop("idle", None)
     assert error is not None and error.how == "expired" and error.age == 6.0
 
 
@@ -116,8 +116,7 @@ def test_endings_keep_the_latest_always_and_older_ones_for_a_while() -> None:
     assert len(endings) == 5  # all younger than keep_for
     endings.add("late", _ending(at=1000.0))
     assert len(endings) == 2
-    assert endings.pop("p4") is not None and endings.pop("late") is not None
-    assert endings.pop("p0") is None
+    assert list(endings) == ["p4", "late"]
 
 
 def test_wait_for_finishing_names_what_other_threads_still_finish() -> None:
@@ -132,3 +131,29 @@ def test_wait_for_finishing_names_what_other_threads_still_finish() -> None:
             assert table.wait_for_finishing(0.0) == ["theirs"]
     finally:
         mine.lock.release()
+
+
+def test_hundreds_of_young_endings_are_all_kept_then_trimmed_to_the_latest() -> None:
+    """What a handler with max_kept=50 remembers of 199 evictions (then one more, later)."""
+    endings = Endings(max_kept=50, keep_for=3600.0)
+    for number in range(199):
+        endings.add(f"other {number}", _ending(at=float(number)))
+    assert len(endings) == 199  # all younger than an hour: none forgotten
+    endings.keep_for = 0.0
+    endings.add("last", _ending(at=200.0))
+    assert len(endings) == 50
+    assert endings.pop("last", None) is not None
+    assert endings.pop("other 198", None) is not None
+    assert endings.pop("other 0", None) is None
+
+
+def test_a_forgotten_ending_leaves_a_plain_unknown_plan() -> None:
+    table = PlanTable(threading.Lock(), Endings(max_kept=2, keep_for=0.0))
+    for number in range(3):
+        _open(table, f"p{number}", now=float(number), ttl=0.1)
+    reaped, _ = table.sweep(now=10.0)
+    assert len(reaped) == 3
+    table.raise_if_ended("p0", "release_plan")  # forgotten: nothing to say
+    for plan_id in ("p1", "p2"):
+        with pytest.raises(CheckpointExpiredError):
+            table.raise_if_ended(plan_id, "release_plan")

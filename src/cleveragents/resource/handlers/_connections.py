@@ -12,7 +12,7 @@ import collections
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cleveragents.errors import (
     CheckpointExpiredError,
@@ -24,6 +24,9 @@ from cleveragents.errors import (
 from cleveragents.resource.handlers._plans import Lease, Plan, PlanTable
 from cleveragents.resource.handlers._pool import ConnectionPool
 from cleveragents.resource.handlers._settings import DatabaseHandlerSettings
+
+if TYPE_CHECKING:
+    from cleveragents.telemetry import HandlerTelemetry
 
 logger = logging.getLogger("cleveragents.resource.handlers.database")
 
@@ -38,6 +41,7 @@ class ConnectionsMixin:
     _pool: ConnectionPool
     _plans: PlanTable
     _counts: collections.Counter[str]
+    _telemetry: HandlerTelemetry | None
 
     def _finish(self, plan: Plan, *, commit: bool, locked: bool = False) -> None:
         raise NotImplementedError  # EndingMixin's
@@ -152,6 +156,7 @@ class ConnectionsMixin:
     def _open_connection(self, lease: Lease) -> Any:
         """Open a connection in a slot already reserved."""
         engine = lease.database.engine
+        started = time.monotonic()
         try:
             conn = engine.open(
                 lease.resolved.settings, application_name=f"cleveragents:{lease.plan.plan_id}"
@@ -162,6 +167,8 @@ class ConnectionsMixin:
             if isinstance(exc, engine.driver_error):
                 raise self._wrap(exc, lease, "open", None) from exc
             raise
+        if self._telemetry is not None:
+            self._telemetry.connection_created(started)
         logger.debug("handler %r opened a connection to %r", self.name, lease.database.label)
         return conn
 

@@ -48,8 +48,8 @@ class Resolved:
 class Resolver:
     """Validates resources and finds their databases, with bounded caches.
 
-    :meth:`lookup` may be called without the mutex (single dict reads);
-    everything else with it held. At most *max_entries* resources and
+    :attr:`by_id` and :attr:`by_value` may be read without the mutex
+    (single dict reads); everything else is called with it held. At most *max_entries* resources and
     databases are remembered; past that, databases nothing uses (*in_use*
     says which are used) are forgotten, so a process that touches endless
     files stays bounded.
@@ -69,43 +69,32 @@ class Resolver:
         self.max_entries = max_entries
         self.engines: dict[str, Engine] = {}
         self.databases: dict[Hashable, Database] = {}
-        self._by_value: dict[Resource, Resolved] = {}
+        self.by_value: dict[Resource, Resolved] = {}
         # The same, by the Resource object itself: keyed by id(), with the
         # object kept alive in the value, so an id found here is that very
         # object's (two live objects never share one). Equal resources made
         # apart (each plan load makes its own) cost one equality lookup each.
-        self._by_id: dict[int, tuple[Resource, Resolved]] = {}
+        self.by_id: dict[int, tuple[Resource, Resolved]] = {}
 
     def __len__(self) -> int:
         """Return how many resources are remembered."""
-        return len(self._by_value)
-
-    def lookup(
-        self, resource: Resource
-    ) -> tuple[tuple[Resource, Resolved] | None, Resolved | None]:
-        """Return what *resource* resolved to before, if remembered; needs no mutex.
-
-        The first item is set when this very object was seen: pass it back to
-        :meth:`resolve`, which then trusts it while it is still current.
-        """
-        known = self._by_id.get(id(resource))
-        return known, known[1] if known is not None else self._by_value.get(resource)
+        return len(self.by_value)
 
     def resolve(
         self, resource: Resource, plan_id: str, known: tuple[Resource, Resolved] | None = None
     ) -> Resolved:
         """Validate *resource* and find its database (both cached); hold the mutex."""
-        if known is not None and self._by_id.get(id(resource)) is known:
+        if known is not None and self.by_id.get(id(resource)) is known:
             return known[1]  # what the lock-free look-up found is still current
-        found = self._by_id.get(id(resource))
+        found = self.by_id.get(id(resource))
         if found is not None:
             return found[1]
-        if len(self._by_id) >= self.max_entries:
-            self._by_id.clear()
-        resolved = self._by_value.get(resource)
+        if len(self.by_id) >= self.max_entries:
+            self.by_id.clear()
+        resolved = self.by_value.get(resource)
         if resolved is None:
             resolved = self._resolve_anew(resource, plan_id)
-        self._by_id[id(resource)] = (resource, resolved)
+        self.by_id[id(resource)] = (resource, resolved)
         return resolved
 
     def _resolve_anew(self, resource: Resource, plan_id: str) -> Resolved:
@@ -128,9 +117,9 @@ class Resolver:
                 self._forget_unused_databases()
             database = Database(identity, engine, engine.describe(settings), self._mutex)
             self.databases[identity] = database
-        if len(self._by_value) >= self.max_entries:
-            self._by_value.clear()
-        resolved = self._by_value[resource] = Resolved(
+        if len(self.by_value) >= self.max_entries:
+            self.by_value.clear()
+        resolved = self.by_value[resource] = Resolved(
             resource=resource.name,
             settings=settings,
             database=database,
@@ -147,8 +136,8 @@ class Resolver:
             busy = database.turnstile.holder is not None or database.memory_conn is not None
             if identity not in used and not busy:
                 del self.databases[identity]
-        self._by_value.clear()
-        self._by_id.clear()
+        self.by_value.clear()
+        self.by_id.clear()
 
 
 __all__ = ["Database", "Resolved", "Resolver"]

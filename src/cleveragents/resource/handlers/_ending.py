@@ -37,13 +37,12 @@ class EndingMixin(ConnectionsMixin):
         with self._mutex:
             if self._closed:
                 raise HandlerClosedError(self.name)
-            self._plans.raise_if_ended(plan_id, operation)
+            if self._plans.endings:
+                self._plans.raise_if_ended(plan_id, operation)
             plan = self._plans.get(plan_id)
             if plan is None:
                 return None
-            if operation == "release_plan" and any(
-                lease.held_here() and lease.users for lease in plan.leases.values()
-            ):
+            if operation == "release_plan" and _in_own_block(plan):
                 raise ResourceError(
                     "release_plan was called inside one of the plan's own connection() "
                     "blocks; end the block first (nothing was done)",
@@ -74,12 +73,44 @@ class EndingMixin(ConnectionsMixin):
         leases = list(plan.leases.values())
         if not locked and not self._lock_leases(plan, leases, wait_until):
             return
+        error: BaseException | None = None
         try:
             self._finish_leases(plan, leases, commit=commit)
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
+            if self._telemetry is not None:
+                self._telemetry.plan_ended(plan, commit, error, self._closed)
             if plan.state is not PlanState.SETTLED:  # normally the last check-in did it
                 with self._mutex:
                     self._plans.settle(plan)
+
+    def _abandon(self, lease: Lease, error: BaseException) -> None:
+        """Undo a new lease whose first call raised *error*: roll back, give back, forget it.
+
+        A plan left with no lease (its first call failed) ends here, unless
+        another thread took it out to finish it meanwhile.
+        """
+        ended = False
+        try:
+            self._end_lease(lease, commit=False, ended="failed")
+        except ResourceError as exc:
+            logger.debug("abandoning lease of plan %r: %s", lease.plan.plan_id, exc)
+        finally:
+            lease.users -= 1
+            try:
+                self._checkin(lease)
+            finally:
+                with self._mutex:
+                    plan = lease.plan
+                    if plan.leases.get(lease.database.identity) is lease:
+                        del plan.leases[lease.database.identity]
+                    ended = not plan.leases and plan.state is PlanState.ACTIVE
+                    self._plans.forget(plan)
+                lease.lock.release()
+                if self._telemetry is not None:
+                    self._telemetry.lease_abandoned(plan, error, plan_ended=ended)
 
     def _lock_leases(self, plan: Plan, leases: list[Lease], wait_until: float | None) -> bool:
         """Take every lease lock of a plan taken out, in order; all or none.
@@ -184,10 +215,12 @@ class EndingMixin(ConnectionsMixin):
         except BaseException as exc:
             conn = lease.conn
             # Interrupted (Ctrl-C) just after the COMMIT returned: it did commit.
+            # A connection left with no transaction open says so on every engine
+            # (transaction_lost() answers only where a plan's SQL can end one).
             interrupted_after = (
                 not isinstance(exc, ResourceError)
                 and conn is not None
-                and lease.database.engine.transaction_lost(conn) is not None
+                and lease.database.engine.is_clean(conn)
             )
             return exc, interrupted_after
         return None, True
@@ -235,18 +268,24 @@ class EndingMixin(ConnectionsMixin):
         if conn is None:
             return
         engine = lease.database.engine
+        telemetry = self._telemetry
+        started = time.monotonic() if telemetry is not None else 0.0
         try:
             if commit:
                 engine.commit(conn)
             else:
                 engine.rollback(conn)
         except BaseException as exc:
+            if telemetry is not None:
+                telemetry.lease_ended(lease, commit, started, exc)
             if not commit:
                 lease.ended = "broken"
                 self._checkin(lease, broken=True)
             if isinstance(exc, engine.driver_error):
                 raise self._wrap(exc, lease, "commit" if commit else "rollback", None) from exc
             raise
+        if telemetry is not None:
+            telemetry.lease_ended(lease, commit, started, None)
 
     # -- the reaper's callback ------------------------------------------------------
 
@@ -307,3 +346,11 @@ class EndingMixin(ConnectionsMixin):
         """Make sure the idle sweep runs at *when*, if none is pending; hold the mutex."""
         if self._idle_sweep is None:
             self._idle_sweep = self._reaper.schedule(when, "idle")
+
+
+def _in_own_block(plan: Plan) -> bool:
+    """Whether the calling thread is inside one of *plan*'s ``connection()`` blocks."""
+    for lease in plan.leases.values():  # noqa: SIM110 - no generator on every release
+        if lease.users and lease.held_here():
+            return True
+    return False

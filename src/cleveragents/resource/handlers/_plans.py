@@ -30,16 +30,31 @@ class PlanState(enum.Enum):
 class Plan:
     """A plan with open work on one handler."""
 
-    __slots__ = ("last_used", "leases", "plan_id", "poisoned", "state", "ttl")
+    __slots__ = (
+        "last_used",
+        "leases",
+        "owns_span",
+        "plan_id",
+        "poisoned",
+        "span",
+        "started",
+        "state",
+        "ttl",
+    )
 
     def __init__(self, plan_id: str, now: float, ttl: float) -> None:
         self.plan_id = plan_id
+        self.started = now
         self.last_used = now
         self.ttl = ttl  # the smallest checkpoint_ttl among the databases it holds
         self.leases: dict[Hashable, Lease] = {}
         self.state = PlanState.ACTIVE
         #: Why the plan can no longer commit (its transaction ended under it), once known.
         self.poisoned: str | None = None
+        #: Its ``cleveragents.plan`` span while it is open (telemetry.py), and
+        #: whether the handler started it (and so ends it) or records into a caller's.
+        self.span: Any = None
+        self.owns_span = False
 
 
 class Lease:
@@ -56,13 +71,17 @@ class Lease:
         "ended",
         "has_turn",
         "lock",
+        "opens_plan",
         "plan",
         "resolved",
         "savepoints_made",
+        "since",
         "users",
     )
 
-    def __init__(self, plan: Plan, resolved: Any) -> None:
+    def __init__(
+        self, plan: Plan, resolved: Any, *, since: float = 0.0, opens_plan: bool = False
+    ) -> None:
         self.plan = plan
         self.resolved = resolved  # its settings, resource name and connection config
         self.database = resolved.database
@@ -74,6 +93,10 @@ class Lease:
         self.checkpoints: dict[str, str] = {}
         self.savepoints_made = 0
         self.ended: str | None = None
+        #: When it asked for a connection, then when it got one (monotonic; telemetry).
+        self.since = since
+        #: Whether making it opened its plan (whose span the maker then starts).
+        self.opens_plan = opens_plan
 
     def held_here(self) -> bool:
         """Whether the calling thread holds this lease's lock."""
@@ -116,8 +139,8 @@ class Ending:
         )
 
 
-class Endings:
-    """Plans reaped or evicted, remembered so their next call raises (once).
+class Endings(collections.OrderedDict[str, Ending]):
+    """Plans reaped or evicted, remembered so their next call raises (once), oldest first.
 
     Without it such a plan's next call would silently start a new
     transaction, which release_plan would then commit: a partial commit. The
@@ -126,31 +149,19 @@ class Endings:
     that comes back within that time still gets its error.
     """
 
-    __slots__ = ("_endings", "keep_for", "max_kept")
-
     def __init__(self, max_kept: int = 10_000, keep_for: float = 3600.0) -> None:
+        super().__init__()
         self.max_kept = max_kept
         self.keep_for = keep_for
-        self._endings: collections.OrderedDict[str, Ending] = collections.OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._endings)
-
-    def __bool__(self) -> bool:
-        return bool(self._endings)
 
     def add(self, plan_id: str, ending: Ending) -> None:
         """Remember *ending*, forgetting endings beyond the bounds."""
-        endings = self._endings
+        endings = self
         endings.pop(plan_id, None)
         endings[plan_id] = ending
         old_before = ending.at - self.keep_for
         while len(endings) > self.max_kept and next(iter(endings.values())).at <= old_before:
             endings.popitem(last=False)
-
-    def pop(self, plan_id: str) -> Ending | None:
-        """Take the ending of *plan_id*, if one is remembered."""
-        return self._endings.pop(plan_id, None)
 
 
 class PlanTable:
@@ -167,16 +178,14 @@ class PlanTable:
         self.endings = endings if endings is not None else Endings()
         self._settled = threading.Condition(mutex)
         self._closing = False
+        #: Return the open plan with this id, if any; needs no mutex (one dict read).
+        self.get = self._plans.get
 
     def __len__(self) -> int:
         return len(self._plans)
 
     def __iter__(self) -> Iterator[Plan]:
         return iter(list(self._plans.values()))
-
-    def get(self, plan_id: str) -> Plan | None:
-        """Return the open plan *plan_id*, if any; needs no mutex."""
-        return self._plans.get(plan_id)
 
     def snapshot(self) -> tuple[Plan, ...]:
         """Return the open plans; needs no mutex (safe even from a signal handler)."""
@@ -190,7 +199,7 @@ class PlanTable:
     def raise_if_ended(self, plan_id: str, operation: str) -> None:
         """Raise, once, for a plan the reaper or an eviction ended."""
         if self.endings:
-            ending = self.endings.pop(plan_id)
+            ending = self.endings.pop(plan_id, None)
             if ending is not None:
                 raise ending.error(plan_id, operation)
 

@@ -10,7 +10,7 @@ from pydantic import ConfigDict, Discriminator, Field, Tag, TypeAdapter, Validat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cleveragents.durations import Duration
-from cleveragents.ids import id_problem
+from cleveragents.ids import MAX_ID, id_problem
 from cleveragents.resource.base import Resource
 from cleveragents.resource.handlers.engine import Engine
 from cleveragents.resource.handlers.postgresql import PostgreSQLEngine
@@ -101,6 +101,8 @@ def validated(resource: Resource) -> Any:
 
 def check_label(what: str, value: object) -> str:
     """Return *value* if it is a good plan id or checkpoint label, else raise ValueError."""
+    if type(value) is str and 0 < len(value) <= MAX_ID and value.isprintable():
+        return value  # the common case, without a call: this is on every plan's path
     problem = id_problem(value)
     if problem is not None:
         shown = value[:40] + "..." if isinstance(value, str) and len(value) > 40 else value

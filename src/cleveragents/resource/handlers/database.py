@@ -48,10 +48,11 @@ import time
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import Any, ClassVar, Self, final
+from typing import TYPE_CHECKING, Any, ClassVar, Self, final
 
 from pydantic import ValidationError
 
+from cleveragents import telemetry
 from cleveragents.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -86,10 +87,12 @@ from cleveragents.resource.handlers._settings import (
 )
 from cleveragents.resource.reaper import Deadline, Reaper
 
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
+
 logger = logging.getLogger(__name__)
 
-# close() waits at most this long for plans other threads are finishing.
-_CLOSE_WAIT = 30.0
 _handler_ids = itertools.count(1)
 
 
@@ -151,11 +154,14 @@ class _Lending:
         tb: TracebackType | None,
     ) -> None:
         lease, self._lease = self._lease, None
-        if lease is not None:
-            try:
+        if lease is None:
+            return
+        conn = lease.conn
+        try:
+            if exc is not None or conn is None or lease.database.engine.transaction_lost(conn):
                 self._handler._after_plan_sql(lease, exc, "connection")
-            finally:
-                self._handler._leave(lease)
+        finally:
+            self._handler._leave(lease)
 
 
 @final
@@ -169,6 +175,9 @@ class DatabaseResourceHandler(EndingMixin, ResourceHandler):
     """
 
     kind: ClassVar[str] = "database"
+    #: How long :meth:`close` waits, in seconds, for plans other threads are
+    #: finishing or running a statement for; set it on a handler to change it.
+    close_wait: float = 30.0
 
     def __init__(
         self,
@@ -179,6 +188,8 @@ class DatabaseResourceHandler(EndingMixin, ResourceHandler):
         on_full: OnFull = ON_FULL,
         checkpoint_ttl: float | str = CHECKPOINT_TTL,
         name: str | None = None,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
     ) -> None:
         try:
             config = DatabaseHandlerSettings.model_validate(
@@ -198,6 +209,7 @@ class DatabaseResourceHandler(EndingMixin, ResourceHandler):
         self.name = name or f"database-{next(_handler_ids)}"
         self.config = config
         self._closed = False
+        self._providers = {"tracer_provider": tracer_provider, "meter_provider": meter_provider}
         self._reset_state()
         logger.debug("handler %r created: %s", self.name, config)
 
@@ -221,6 +233,9 @@ class DatabaseResourceHandler(EndingMixin, ResourceHandler):
         self._orphans: set[Plan] = set()
         self._counts: collections.Counter[str] = collections.Counter()
         self._reaper = Reaper(self, name=f"cleveragents-reaper[{self.name}]")
+        self._telemetry = telemetry.for_handler(
+            self.name, config.max_connections, self._pool, self._mutex, **self._providers
+        )
         self._finalizer = _finalize.watch(
             self,
             name=self.name,
@@ -254,8 +269,9 @@ class DatabaseResourceHandler(EndingMixin, ResourceHandler):
         """Create a handler from ``CLEVERAGENTS_*`` variables, then *overrides* (None = unset)."""
         given = {key: value for key, value in overrides.items() if value is not None}
         name = given.pop("name", None)
+        providers = {key: given.pop(key, None) for key in ("tracer_provider", "meter_provider")}
         settings = DatabaseHandlerSettings(**given)
-        return cls(**settings.model_dump(), name=name)
+        return cls(**settings.model_dump(), name=name, **providers)
 
     def __repr__(self) -> str:
         state = (
@@ -304,10 +320,12 @@ class DatabaseResourceHandler(EndingMixin, ResourceHandler):
             savepoint = f"cp_{lease.savepoints_made}"
             self._run(lease, "create_checkpoint", checkpoint_id, "savepoint", savepoint)
             lease.checkpoints[checkpoint_id] = savepoint
+            if self._telemetry is not None:
+                self._telemetry.checkpoint(lease, checkpoint_id)
             created_at = time.time()
-        except BaseException:
+        except BaseException as exc:
             if created:
-                self._abandon(lease)
+                self._abandon(lease, exc)
             else:
                 self._leave(lease)
             raise
@@ -334,6 +352,8 @@ class DatabaseResourceHandler(EndingMixin, ResourceHandler):
             if savepoint is None:
                 raise _not_found(resource, plan_id, checkpoint_id)
             self._run(lease, "rollback_to", checkpoint_id, "rollback_to", savepoint)
+            if self._telemetry is not None:
+                self._telemetry.rolled_back_to(lease, checkpoint_id)
             while next(reversed(checkpoints)) != checkpoint_id:
                 checkpoints.popitem()  # the newest: dicts keep insertion order
         finally:
@@ -448,7 +468,7 @@ class DatabaseResourceHandler(EndingMixin, ResourceHandler):
         and gets ``HandlerClosedError``. Plans another thread is committing or
         rolling back right now are waited for, so that nothing they use is
         closed under them; a plan mid-statement in another thread is
-        interrupted, and waited for at most ``_CLOSE_WAIT`` seconds (after
+        interrupted, and waited for at most :attr:`close_wait` seconds (after
         that, the thread rolls it back itself when it leaves its block).
         """
         with self._mutex:
@@ -464,7 +484,7 @@ class DatabaseResourceHandler(EndingMixin, ResourceHandler):
             self._reaper.stop()
         finally:
             self._interrupt_running(plans)
-            deadline = time.monotonic() + _CLOSE_WAIT
+            deadline = time.monotonic() + self.close_wait
             for plan in plans:
                 try:
                     self._finish(plan, commit=False, wait_until=deadline)
@@ -495,6 +515,8 @@ class DatabaseResourceHandler(EndingMixin, ResourceHandler):
             for database, conn in memory:
                 self._close_connection(database, conn)
         _finalize.unwatch(self, self._finalizer)
+        if self._telemetry is not None:
+            self._telemetry.close()
         logger.debug("handler %r closed", self.name)
 
     def _interrupt_running(self, plans: Sequence[Plan]) -> None:
@@ -530,12 +552,19 @@ class DatabaseResourceHandler(EndingMixin, ResourceHandler):
         check_label("plan_id", plan_id)
         if not isinstance(resource, Resource):
             raise TypeError(f"expected a Resource, got {resource!r}")
-        known, resolved = self._resolver.lookup(resource)
+        # What the resource resolved to before, looked up without the mutex.
+        known = self._resolver.by_id.get(id(resource))
+        resolved = known[1] if known is not None else self._resolver.by_value.get(resource)
         plan = self._plans.get(plan_id)
         if plan is not None and resolved is not None and not self._closed:
             lease = plan.leases.get(resolved.database.identity)
-            if lease is not None and self._hold(lease, resource, operation):
-                return (lease, False) if create else lease
+            if lease is not None:  # self._hold(lease, ...), inline: the path every call takes
+                lease.lock.acquire()
+                if lease.ended is None and lease.conn is not None and plan.poisoned is None:
+                    plan.last_used = time.monotonic()
+                    lease.users += 1
+                    return (lease, False) if create else lease
+                lease.lock.release()
         while True:
             with self._mutex:
                 lease, made = self._find_or_make_lease(resource, plan_id, operation, known, create)
@@ -547,10 +576,12 @@ class DatabaseResourceHandler(EndingMixin, ResourceHandler):
                 return (lease, False) if create else lease
             # The plan ended (or its lease failed to open) while we waited: go
             # round again, which raises for a reaped/evicted plan.
+        if self._telemetry is not None:
+            self._telemetry.lease_made(lease)
         try:
             self._ready(lease, operation, checkpoint_id)
-        except BaseException:
-            self._abandon(lease)
+        except BaseException as exc:
+            self._abandon(lease, exc)
             raise
         return lease, True
 
@@ -594,6 +625,7 @@ class DatabaseResourceHandler(EndingMixin, ResourceHandler):
                 plan.last_used = now
             return lease, False
         ttl = resolved.ttl
+        opens_plan = plan is None
         # Armed first: should the reaper fail to start, nothing is made.
         if plan is None:
             self._arm_plan_sweep(now + ttl)
@@ -601,7 +633,7 @@ class DatabaseResourceHandler(EndingMixin, ResourceHandler):
         elif ttl < plan.ttl:
             self._arm_plan_sweep(plan.last_used + ttl)
             plan.ttl = ttl
-        lease = Lease(plan, resolved)
+        lease = Lease(plan, resolved, since=now, opens_plan=opens_plan)
         lease.lock.acquire()
         lease.users = 1
         plan.leases[identity] = lease
@@ -684,6 +716,8 @@ class DatabaseResourceHandler(EndingMixin, ResourceHandler):
         plan_id = lease.plan.plan_id
         if not resolved.memory and lease.conn is None:
             lease.conn = self._checkout(lease)
+            if self._telemetry is not None:
+                self._telemetry.checked_out(lease)
         if resolved.takes_turns and not lease.has_turn:
             if not database.turnstile.acquire(plan_id, settings.busy_timeout):
                 if database.turnstile.closed:
@@ -708,6 +742,8 @@ class DatabaseResourceHandler(EndingMixin, ResourceHandler):
                 # Only the turn holder gets here, so one thread opens it.
                 database.memory_conn = self._checkout(lease)
             lease.conn = database.memory_conn
+            if self._telemetry is not None:
+                self._telemetry.checked_out(lease)
 
     def _run(
         self, lease: Lease, operation: str, checkpoint_id: str | None, action: str, *args: Any
@@ -718,24 +754,6 @@ class DatabaseResourceHandler(EndingMixin, ResourceHandler):
             getattr(engine, action)(lease.conn, *args)
         except engine.driver_error as exc:
             raise self._wrap(exc, lease, operation, checkpoint_id) from exc
-
-    def _abandon(self, lease: Lease) -> None:
-        """Undo a lease this call made: roll back, give the connection back, forget it."""
-        try:
-            self._end_lease(lease, commit=False, ended="failed")
-        except ResourceError as exc:
-            logger.debug("abandoning lease of plan %r: %s", lease.plan.plan_id, exc)
-        finally:
-            lease.users -= 1
-            try:
-                self._checkin(lease)
-            finally:
-                with self._mutex:
-                    plan = lease.plan
-                    if plan.leases.get(lease.database.identity) is lease:
-                        del plan.leases[lease.database.identity]
-                    self._plans.forget(plan)
-                lease.lock.release()
 
     # -- fork -----------------------------------------------------------------------
 
