@@ -1858,3 +1858,37 @@ def test_psycopgs_prepared_statements_serve_later_plans_and_stay_in_step_with_th
     assert handler.execute(res, "last", left) == [(0,)]
     handler.release_plan("last")
     assert len(_values(db)) == 6 + 1 + 1 + 6 + 1
+
+
+def test_ctrl_c_in_the_commit_message_after_the_commit_is_counted_and_the_session_reset(
+    make_handler: Callable[..., DatabaseResourceHandler],
+    res: Resource,
+    db: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    handler = make_handler(max_connections=2)
+    handler.execute(res, "p", "INSERT INTO t VALUES ('committed')")
+    handler.execute(res, "p", "SELECT set_config('lock_timeout', '0', false)")
+    notes = Resource("notes", "database", engine="sqlite", location=str(tmp_path / "notes.db"))
+    handler.execute(notes, "p", "CREATE TABLE n (v TEXT)")
+    engine = handler._resolver.engines["postgresql"]
+    real_results = engine._results_of
+
+    def results_then_ctrl_c(pgconn: Any) -> Any:
+        results = yield from real_results(pgconn)
+        if any(result.command_status == b"COMMIT" for result in results):
+            raise KeyboardInterrupt  # the server ran the whole message; the client was interrupted
+        return results
+
+    monkeypatch.setattr(engine, "_results_of", results_then_ctrl_c)
+    with pytest.raises(PartialCommitError) as caught:
+        handler.release_plan("p")
+    monkeypatch.undo()
+    assert caught.value.committed == ["inv"]  # PostgreSQL first, then SQLite, never committed
+    assert isinstance(caught.value.__cause__, KeyboardInterrupt)
+    assert _values(db) == ["committed"]
+    assert _sqlite_tables(tmp_path / "notes.db") == []
+    # The session was reset after all, and pooled: the next plan gets the handler's lock_timeout.
+    assert handler.execute(res, "next", "SHOW lock_timeout") == [("500ms",)]
+    handler.rollback_plan("next")

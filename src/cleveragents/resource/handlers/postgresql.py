@@ -686,6 +686,15 @@ class PostgreSQLEngine(Engine):
         session.clean = failed is None and session.lost is None
         session.token, session.declared, session.prepared = None, False, False
 
+    def _finish_reset(self, conn: Any) -> None:
+        """Reset a session whose plan's transaction ended before its reset ran (Ctrl-C)."""
+        try:
+            results = self._script(conn, f"{_AFTER_ROLLBACK}; CLOSE ALL; {_RESET_SESSION}")
+        except self._pg.Error as exc:
+            logger.info("resetting a session failed, so it is closed: %s", self.redact(exc))
+            return
+        self._after_reset(conn, self._failure(results, conn))
+
     def execute(
         self, conn: Any, sql: str, params: Mapping[str, Any] | Sequence[Any] | None
     ) -> list[tuple[Any, ...]]:
@@ -781,13 +790,20 @@ class PostgreSQLEngine(Engine):
 
         The session itself was reset by the COMMIT or ROLLBACK message; a
         session that could not be (or whose transaction the plan ended) is not
-        clean, so the handler closes it.
+        clean, so the handler closes it. So "clean" also says whether the
+        plan's transaction ended: the handler asks it after a Ctrl-C landed in
+        the COMMIT message, and a COMMIT that ran before the reset could is
+        followed by the reset, here.
         """
         pgconn = conn.pgconn
-        session = conn.plan_session
-        if not session.clean or pgconn.status == self._bad:
+        session: _Session = conn.plan_session
+        if pgconn.status == self._bad or pgconn.pipeline_status:
             return False
-        if pgconn.transaction_status != self._idle or pgconn.pipeline_status:
+        if pgconn.transaction_status != self._idle:
+            return False
+        if not session.clean and session.token is not None and session.lost is None:
+            self._finish_reset(conn)
+        if not session.clean:
             return False
         if conn.handler_statement or not conn.autocommit:
             return False
