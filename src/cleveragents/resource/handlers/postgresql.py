@@ -754,8 +754,6 @@ class PostgreSQLEngine(Engine):
         """Ask the server whether the plan's transaction is still open on *conn* (a round trip)."""
         try:
             results = self._own(conn, f"SHOW {_TOKEN_SETTING}")
-        except self._pg.errors.ObjectInUse:
-            return _STILL_RUNNING
         except self._pg.Error as exc:
             # Dead, or the question failed and so aborted the transaction: no commit either way.
             lost = conn.closed or self.classify(exc) == "lost"
@@ -816,8 +814,8 @@ class PostgreSQLEngine(Engine):
         conn._adapters = None  # a fresh copy of the global adapters when next asked
         conn._notice_handlers.clear()
         conn._notify_handlers.clear()
-        if conn._notifies_backlog:
-            conn._notifies_backlog.clear()
+        # No notification waits in psycopg's backlog: the reset's UNLISTEN ran
+        # before the session went idle, which is when the server delivers them.
         return True
 
     def close(self, conn: Any) -> None:
