@@ -85,6 +85,36 @@ Feature: PostgreSQL: the same plans when one machine is not enough
     Then that call failed with CheckpointExpiredError
     And the server has no rows
 
+  Scenario: Nothing a plan leaves on its session reaches the next plan
+    Given a PostgreSQL test server with a fresh schema
+    And another session holds a lock on every row
+    And a handler serving the PostgreSQL resource "inv" with at most 1 connections
+    When PostgreSQL plan "first" runs "SELECT set_config('lock_timeout', '0', false)"
+    And PostgreSQL plan "first" runs "CREATE TEMP TABLE t (v TEXT)"
+    And PostgreSQL plan "first" is released
+    And PostgreSQL plan "next" tries to change every row
+    Then that call failed with ResourceBusyError
+    And the server has the rows "seed"
+
+  Scenario: A COMMIT hidden after a comment ended by a carriage return is refused
+    Given a PostgreSQL test server with a fresh schema
+    And a handler serving the PostgreSQL resource "inv"
+    When PostgreSQL plan "sly" writes "early"
+    And PostgreSQL plan "sly" tries to run a COMMIT after a comment ended by a carriage return
+    Then that call failed with ResourceError
+    When PostgreSQL plan "sly" is rolled back
+    Then the server has no rows
+
+  Scenario: SQL a tool sends around the guard poisons the plan
+    Given a PostgreSQL test server with a fresh schema
+    And a handler serving the PostgreSQL resource "inv"
+    When PostgreSQL plan "sly" writes "early"
+    And a tool of PostgreSQL plan "sly" commits straight through libpq
+    And PostgreSQL plan "sly" tries to write "late"
+    Then that call failed with ResourceError
+    And releasing PostgreSQL plan "sly" fails with ResourceError mentioning "nothing was committed"
+    And the server has the rows "early"
+
   Scenario: The DSN and its password are never shown
     Given a PostgreSQL test server with a fresh schema
     And the PostgreSQL plan file "wrong.yaml":

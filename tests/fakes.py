@@ -150,6 +150,9 @@ class FakeEngine(Engine):
     def execute(self, conn: Any, sql: str, params: Any) -> list[tuple[Any, ...]]:
         return []
 
+    def in_transaction(self, conn: Any) -> bool:
+        return False
+
     def is_clean(self, conn: Any) -> bool:
         return True
 

@@ -166,6 +166,32 @@ def _huge(plans: Path) -> Iterator[None]:
     yield
 
 
+@contextlib.contextmanager
+def _pg_seeded(plans: Path) -> Iterator[None]:
+    """A fresh PostgreSQL schema with table t holding one row; plans read its DSN from
+    ``CATALOGUE_PG_DSN``. On the way out it checks that the row is all there is."""
+    base = os.environ.get("CLEVERAGENTS_TEST_PG_DSN")
+    if not base:
+        pytest.skip("PostgreSQL cases need CLEVERAGENTS_TEST_PG_DSN (scripts/pg-test-server)")
+    psycopg = pytest.importorskip("psycopg")
+    schema = f"cat_{plans.parent.name[-12:].replace('-', '_').lower()}_{os.getpid()}"
+    with psycopg.connect(base, autocommit=True) as admin:
+        admin.execute(f'CREATE SCHEMA "{schema}"')
+    dsn = psycopg.conninfo.make_conninfo(base, options=f"-c search_path={schema}")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (v INT)")
+        conn.execute("INSERT INTO t VALUES (0)")
+    os.environ["CATALOGUE_PG_DSN"] = dsn
+    try:
+        yield
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert conn.execute("SELECT v FROM t").fetchall() == [(0,)]
+    finally:
+        del os.environ["CATALOGUE_PG_DSN"]
+        with psycopg.connect(base, autocommit=True) as admin:
+            admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
 SETUPS: dict[str | None, Callable[[Path], contextlib.AbstractContextManager[None]]] = {
     None: lambda plans: contextlib.nullcontext(),
     "db": _seeded,
@@ -176,6 +202,7 @@ SETUPS: dict[str | None, Callable[[Path], contextlib.AbstractContextManager[None
     "folder": _folder,
     "symlink-out": _symlink_out,
     "huge": _huge,
+    "pg": _pg_seeded,
 }
 
 

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -25,11 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cleveragents.errors import (
     CheckpointEvictedError,
     CheckpointExpiredError,
     CleverAgentsError,
+    PartialCommitError,
     PoolExhaustedError,
     ResourceBusyError,
     ResourceError,
@@ -38,6 +42,7 @@ from cleveragents.hookspecs import hookimpl
 from cleveragents.plugins import get_plugin_manager
 from cleveragents.resource import Resource
 from cleveragents.resource.handlers import _finalize as finalize_module
+from cleveragents.resource.handlers import _pgsql as pgsql
 from cleveragents.resource.handlers import postgresql as postgresql_module
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
 from cleveragents.runtime import Runtime
@@ -445,8 +450,9 @@ def test_a_session_the_server_ended_expires_the_plan(
         handler.execute(res, "p1", "SELECT 1")
     assert caught.value.plan_id == "p1"
     handler.interrupt()  # nothing runs on a closed session: nothing to cancel
-    with pytest.raises(CheckpointExpiredError):
-        handler.release_plan("p1")  # commits nothing: the server rolled it back
+    # Asked before any COMMIT: commits nothing on any database (the server rolled it back).
+    with pytest.raises(ResourceError, match="nothing was committed: the server ended"):
+        handler.release_plan("p1")
     assert _values(db) == []
     assert handler.stats().open_connections == 0
 
@@ -466,10 +472,11 @@ def test_a_terminated_session_expires_the_release_and_rolls_back_quietly(
             == (0,)
         )
     )
-    # The client learns of it only now: COMMIT fails as an expired plan; ROLLBACK
-    # has nothing left to do (the server rolled back), so it does not raise.
+    # The client learns of it only now: the release, which asks every database
+    # before its first COMMIT, commits nothing; ROLLBACK has nothing left to do
+    # (the server rolled back), so it does not raise.
     if ending == "release_plan":
-        with pytest.raises(CheckpointExpiredError):
+        with pytest.raises(ResourceError, match="nothing was committed: the server ended"):
             handler.release_plan("p1")
     else:
         handler.rollback_plan("p1")
@@ -910,7 +917,7 @@ def test_sql_that_slips_past_the_reading_still_cannot_commit_later_statements(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The backstop behind the statement check: pretend the check missed a COMMIT.
-    monkeypatch.setattr(postgresql_module, "_refusal", lambda sql: None)
+    monkeypatch.setattr(postgresql_module, "_read", lambda sql, standard=True: (None, ""))
     handler = make_handler()
     handler.execute(res, "p", "INSERT INTO t VALUES ('x')")
     with pytest.raises(ResourceError, match=r"ended the plan's transaction \(ROLLBACK\)"):
@@ -961,3 +968,927 @@ def test_pooled_sessions_the_server_ended_are_replaced_not_failed(
         handler.release_plan(f"new {number}")
     assert _values(db) == [f"new {number}" for number in range(4)]
     assert handler.stats().open_connections <= 4
+
+
+# -- a plan's work stays inside its transaction, whatever the lent session is asked ---------
+
+
+def _one_line(error: BaseException, secrets: tuple[str, ...]) -> str:
+    """Return *error*'s message after checking it is one line holding no secret."""
+    text = str(error)
+    assert "\n" not in text, text
+    for secret in secrets:
+        assert secret not in text
+    return text
+
+
+def _stream_commit(conn: Any) -> None:
+    list(conn.cursor().stream("COMMIT"))
+
+
+def _copy_commit(conn: Any) -> None:
+    with conn.cursor().copy("COMMIT"):
+        pass
+
+
+def _named_cursor_commit(conn: Any) -> None:
+    conn.cursor("named").execute("SELECT 1; COMMIT")
+
+
+def _executemany_commit(conn: Any) -> None:
+    conn.cursor().executemany("COMMIT", [(), ()])
+
+
+def _client_cursor_commit(conn: Any) -> None:
+    conn.cursor_factory = psycopg.ClientCursor
+    conn.execute("SELECT %s; COMMIT", ("x",))
+
+
+def _raw_cursor_commit(conn: Any) -> None:
+    conn.cursor_factory = psycopg.RawCursor
+    conn.execute("COMMIT")
+
+
+def _custom_cursor_commit(conn: Any) -> None:
+    class Mine(psycopg.Cursor):  # type: ignore[type-arg]
+        pass
+
+    conn.cursor_factory = Mine
+    conn.execute("COMMIT")
+
+
+def _pipeline_commit(conn: Any) -> None:
+    with conn.pipeline():
+        conn.execute("COMMIT")
+
+
+def _prepared_commit(conn: Any) -> None:
+    conn.prepare_threshold = 0
+    conn.execute("SELECT 1 -- \r; COMMIT", prepare=True)
+
+
+def _composed_commit(conn: Any) -> None:
+    conn.execute(psycopg.sql.SQL("{}").format(psycopg.sql.SQL("COMMIT")))
+
+
+def _base_execute_commit(conn: Any) -> None:
+    psycopg.Connection.execute(conn, "ROLLBACK")
+
+
+@pytest.mark.parametrize(
+    ("route", "refused"),
+    [
+        (_stream_commit, "plans may not run COMMIT"),
+        (_copy_commit, "plans may not run COMMIT"),
+        (_named_cursor_commit, "more than one statement"),
+        (_executemany_commit, "plans may not run COMMIT"),
+        (_client_cursor_commit, "more than one statement"),
+        (_raw_cursor_commit, "plans may not run COMMIT"),
+        (_custom_cursor_commit, "plans may not run COMMIT"),
+        (_pipeline_commit, "plans may not run COMMIT"),
+        (_prepared_commit, "more than one statement"),
+        (_composed_commit, "plans may not run COMMIT"),
+        (_base_execute_commit, "plans may not run ROLLBACK"),
+    ],
+)
+def test_every_way_a_lent_session_sends_sql_is_read_before_it_runs(
+    make_handler: Callable[..., DatabaseResourceHandler],
+    res: Resource,
+    db: Any,
+    password: str,
+    pg_dsn: str,
+    route: Callable[[Any], None],
+    refused: str,
+) -> None:
+    handler = make_handler(max_connections=1)
+    handler.create_checkpoint(res, "p", "start")
+    with handler.connection(res, "p") as conn:
+        conn.execute("INSERT INTO t VALUES ('until the plan ends')")
+        with pytest.raises(ResourceError) as caught:
+            route(conn)
+    assert refused in _one_line(caught.value, (password, pg_dsn))
+    assert _values(db) == []  # refused before it ran: nothing committed behind the plan
+    # The plan goes on in its transaction, and commits once, when it is released.
+    handler.rollback_to(res, "p", "start")
+    handler.execute(res, "p", "INSERT INTO t VALUES ('after')")
+    assert _values(db) == []
+    handler.release_plan("p")
+    assert _values(db) == ["after"]
+    # Its session went back to the pool with the guard on every cursor class.
+    with handler.connection(res, "next") as conn:
+        with pytest.raises(ResourceError, match="plans may not run COMMIT"):
+            conn.execute("COMMIT")
+        assert conn.cursor_factory is not psycopg.RawCursor
+    handler.rollback_plan("next")
+
+
+@pytest.mark.parametrize(
+    ("call", "refused"),
+    [
+        (lambda conn: conn.transaction().__enter__(), r"cannot open conn\.transaction\(\)"),
+        (lambda conn: setattr(conn, "autocommit", False), "cannot change autocommit"),
+        (lambda conn: conn.set_autocommit(True), "cannot change autocommit"),
+        (
+            lambda conn: setattr(conn, "isolation_level", psycopg.IsolationLevel.SERIALIZABLE),
+            "cannot change isolation_level",
+        ),
+        (lambda conn: conn.set_isolation_level(None), "cannot change isolation_level"),
+        (lambda conn: setattr(conn, "read_only", True), "cannot change read_only"),
+        (lambda conn: conn.set_read_only(True), "cannot change read_only"),
+        (lambda conn: conn.set_deferrable(True), "cannot change deferrable"),
+        (lambda conn: conn.close(), r"cannot close\(\)"),
+        (lambda conn: conn.tpc_begin("x"), "cannot run two-phase commit"),
+        (lambda conn: conn.tpc_commit("x"), "cannot run two-phase commit"),
+        (lambda conn: setattr(conn, "cursor_factory", 42), "takes a psycopg cursor class"),
+    ],
+)
+def test_the_lent_session_refuses_what_would_end_or_change_the_plans_transaction(
+    make_handler: Callable[..., DatabaseResourceHandler],
+    res: Resource,
+    db: Any,
+    call: Callable[[Any], object],
+    refused: str,
+) -> None:
+    handler = make_handler()
+    with handler.connection(res, "p") as conn:
+        conn.execute("INSERT INTO t VALUES ('kept')")
+        with pytest.raises(ResourceError, match=refused) as caught:
+            call(conn)
+        _one_line(caught.value, ())
+        assert not conn.closed
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+    assert _values(db) == []
+    handler.release_plan("p")
+    assert _values(db) == ["kept"]
+
+
+def _raw_commit(conn: Any) -> None:
+    conn.pgconn.exec_(b"COMMIT")
+
+
+def _raw_commit_begin(conn: Any) -> None:
+    conn.pgconn.exec_(b"COMMIT; BEGIN")
+
+
+def _base_cursor_commit_begin(conn: Any) -> None:
+    psycopg.Cursor(conn).execute("COMMIT; BEGIN")
+
+
+def _forged_marker(conn: Any) -> None:
+    # Begins another transaction and copies what the server reports about the plan's.
+    name = conn.info.parameter_status("application_name")
+    conn.pgconn.exec_(f"COMMIT; BEGIN; SET LOCAL application_name = '{name}'".encode())
+
+
+def _flag_flipped(conn: Any) -> None:
+    conn.handler_statement = True
+    conn.execute("ROLLBACK; BEGIN")
+    conn.handler_statement = False
+
+
+@pytest.mark.parametrize(
+    "route", [_raw_commit, _raw_commit_begin, _base_cursor_commit_begin, _flag_flipped]
+)
+def test_sql_sent_around_the_guard_poisons_the_plan_on_every_database(
+    make_handler: Callable[..., DatabaseResourceHandler],
+    res: Resource,
+    db: Any,
+    tmp_path: Path,
+    password: str,
+    pg_dsn: str,
+    route: Callable[[Any], None],
+) -> None:
+    handler = make_handler()
+    other = Resource("notes", "database", engine="sqlite", location=str(tmp_path / "notes.db"))
+    handler.execute(other, "p", "CREATE TABLE n (v TEXT)")
+    handler.execute(other, "p", "INSERT INTO n VALUES ('sqlite')")
+    with handler.connection(res, "p") as conn:
+        conn.execute("INSERT INTO t VALUES ('before')")
+        route(conn)
+    # Noticed as the block ended: no later statement runs outside the plan's transaction.
+    with pytest.raises(ResourceError, match="can no longer commit") as caught:
+        handler.execute(res, "p", "INSERT INTO t VALUES ('after')")
+    assert "around cleveragents' guard" in _one_line(caught.value, (password, pg_dsn))
+    with pytest.raises(ResourceError, match="nothing was committed") as released:
+        handler.release_plan("p")
+    assert "around cleveragents' guard" in _one_line(released.value, (password, pg_dsn))
+    # The SQLite database, used first, committed nothing; on PostgreSQL only what
+    # the plan's own COMMIT ran (or its ROLLBACK undid) before it was noticed.
+    assert _sqlite_tables(tmp_path / "notes.db") == []
+    assert _values(db) in ([], ["before"])
+    assert "after" not in _values(db)
+    stats = handler.stats()
+    assert (stats.commits, stats.rollbacks, stats.open_connections) == (0, 1, 1)
+    assert _wait_until(lambda: _backends(db) == 0)  # that session is closed, not pooled
+
+
+def _sqlite_tables(path: Path) -> list[Any]:
+    conn = sqlite3.connect(path)
+    try:
+        return [row[0] for row in conn.execute("SELECT name FROM sqlite_master").fetchall()]
+    finally:
+        conn.close()
+
+
+def test_a_forged_transaction_is_caught_by_the_commit_itself(
+    make_handler: Callable[..., DatabaseResourceHandler],
+    res: Resource,
+    db: Any,
+    tmp_path: Path,
+) -> None:
+    # The plan ends its transaction through libpq and copies what the server
+    # reports of the plan's one onto another: the client cannot tell, but the
+    # COMMIT message first checks the token only the plan's transaction holds.
+    handler = make_handler()
+    other = Resource("notes", "database", engine="sqlite", location=str(tmp_path / "notes.db"))
+    handler.execute(other, "p", "CREATE TABLE n (v TEXT)")
+    with handler.connection(res, "p") as conn:
+        conn.execute("INSERT INTO t VALUES ('before')")
+        _forged_marker(conn)
+        conn.execute("INSERT INTO t VALUES ('in the forged transaction')")
+    with pytest.raises(PartialCommitError) as caught:
+        handler.release_plan("p")
+    # What was committed is said exactly: the database committed before this
+    # one in first-use order, not the forged transaction.
+    assert caught.value.committed == ["notes"]
+    assert "COMMIT was not run: SQL the plan ran around cleveragents' guard" in str(caught.value)
+    assert _values(db) == ["before"]  # committed by the plan's own COMMIT, nothing after
+    assert _sqlite_tables(tmp_path / "notes.db") == ["n"]
+    assert _wait_until(lambda: _backends(db) == 0)
+
+
+# -- nothing of a plan outlives it on a pooled session ------------------------------------
+
+# What a plan leaves on its session, and how the next plan on that session
+# (one connection: the same backend) would see it. Each check runs in the next
+# plan and must see a fresh session.
+_LEFTOVERS: dict[str, tuple[str, str | None]] = {
+    "set_config lock_timeout": (
+        "SELECT set_config('lock_timeout', '0', false)",
+        "SELECT current_setting('lock_timeout') = '500ms'",
+    ),
+    "set_config idle backstop": (
+        "SELECT set_config('idle_in_transaction_session_timeout', '0', false)",
+        "SELECT setting::int > 300000 FROM pg_settings "
+        "WHERE name = 'idle_in_transaction_session_timeout'",
+    ),
+    "set_config search_path": (
+        "SELECT set_config('search_path', 'pg_catalog', false)",
+        "SELECT current_setting('search_path') LIKE 't\\_%'",
+    ),
+    "temporary table": (
+        "CREATE TEMP TABLE t (v TEXT)",
+        "SELECT count(*) = 0 FROM pg_class WHERE relpersistence = 't'",
+    ),
+    "temporary view": (
+        "CREATE TEMP VIEW t AS SELECT 'shadow'::text AS v",
+        "SELECT count(*) = 0 FROM pg_class WHERE relpersistence = 't'",
+    ),
+    "prepared statement": (
+        "PREPARE leftover AS SELECT 1",
+        "SELECT count(*) = 0 FROM pg_prepared_statements WHERE from_sql",
+    ),
+    "advisory lock": (
+        "SELECT pg_advisory_lock(4242)",
+        "SELECT count(*) = 0 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
+    ),
+    "LISTEN": ("LISTEN leftover", "SELECT count(*) = 0 FROM pg_listening_channels()"),
+    "cursor WITH HOLD": (
+        "DECLARE leftover CURSOR WITH HOLD FOR SELECT 1",
+        "SELECT count(*) = 0 FROM pg_cursors",
+    ),
+    # currval() of a sequence the last plan advanced: an error in a fresh session.
+    "sequence state": ("SELECT nextval('s')", None),
+}
+
+
+@pytest.mark.parametrize("ending", ["release_plan", "rollback_plan"])
+@pytest.mark.parametrize("leftover", sorted(_LEFTOVERS))
+def test_nothing_a_plan_left_on_its_session_reaches_the_next_plan(
+    make_handler: Callable[..., DatabaseResourceHandler],
+    res: Resource,
+    db: Any,
+    leftover: str,
+    ending: str,
+) -> None:
+    db.execute("CREATE SEQUENCE s")
+    handler = make_handler(max_connections=1)
+    leave, check = _LEFTOVERS[leftover]
+    with handler.connection(res, "first") as conn:
+        first_pid = conn.info.backend_pid
+    handler.execute(res, "first", leave)
+    getattr(handler, ending)("first")
+    with handler.connection(res, "next") as conn:
+        assert conn.info.backend_pid == first_pid  # the same pooled session
+    if check is None:
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState):
+            handler.execute(res, "next", "SELECT currval('s')")
+        handler.rollback_plan("next")
+        return
+    assert handler.execute(res, "next", check) == [(True,)]
+    # An unqualified name reaches the plan's schema, not something the last plan made.
+    handler.execute(res, "next", "INSERT INTO t VALUES ('next')")
+    handler.release_plan("next")
+    assert _values(db) == ["next"]
+
+
+def test_a_lock_timeout_a_plan_switched_off_does_not_make_the_next_plan_wait_forever(
+    make_handler: Callable[..., DatabaseResourceHandler], res: Resource, db: Any, pg_dsn: str
+) -> None:
+    handler = make_handler(max_connections=1)
+    handler.execute(res, "first", "SELECT set_config('lock_timeout', '0', false)")
+    handler.release_plan("first")
+    db.execute("INSERT INTO t VALUES ('locked')")
+    holder = _connect(pg_dsn)
+    holder.execute("BEGIN")
+    holder.execute("SELECT * FROM t FOR UPDATE")
+    outcome: list[BaseException | None] = []
+
+    def writer() -> None:
+        try:
+            handler.execute(res, "next", "UPDATE t SET v = 'changed'")
+            outcome.append(None)
+        except BaseException as exc:  # handed to the test thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    thread.join(timeout=10)  # busy_timeout is 0.5s; a wait without bound never ends
+    holder.execute("ROLLBACK")  # lets a writer that waited without bound go on
+    holder.close()
+    thread.join()
+    assert len(outcome) == 1 and isinstance(outcome[0], ResourceBusyError), outcome
+    handler.rollback_plan("next")
+    assert _values(db) == ["locked"]
+
+
+def test_what_a_plan_set_on_the_connection_object_does_not_reach_the_next_plan(
+    make_handler: Callable[..., DatabaseResourceHandler], res: Resource, db: Any
+) -> None:
+    handler = make_handler(max_connections=1)
+    heard: list[str] = []
+    with handler.connection(res, "first") as conn:
+        conn.row_factory = psycopg.rows.dict_row
+        conn.cursor_factory = psycopg.ClientCursor
+        conn.prepare_threshold = 0
+        conn.add_notice_handler(lambda diagnostic: heard.append(str(diagnostic.message_primary)))
+        conn.add_notify_handler(lambda notify: heard.append(notify.payload))
+
+        class Shout(psycopg.adapt.Dumper):
+            oid = psycopg.adapters.types["text"].oid
+
+            def dump(self, obj: str) -> bytes:
+                return obj.upper().encode()
+
+        conn.adapters.register_dumper(str, Shout)
+        # In its own block the plan gets what it asked for...
+        assert conn.execute("SELECT 1 AS one").fetchone() == {"one": 1}
+        # ...but never in what the handler runs for it.
+        assert handler.execute(res, "first", "SELECT 1 AS one") == [(1,)]
+    handler.release_plan("first")
+
+    with handler.connection(res, "next") as conn:
+        assert conn.row_factory is psycopg.rows.tuple_row
+        assert not issubclass(conn.cursor_factory, psycopg.ClientCursor)
+        assert conn.prepare_threshold == 5  # psycopg's default
+        conn.execute("INSERT INTO t VALUES (%s)", ("quiet",))
+        conn.execute("DO $$ BEGIN RAISE NOTICE 'private to the next plan'; END $$")
+        assert conn.execute("SELECT 1 AS one").fetchone() == (1,)
+    handler.release_plan("next")
+    assert _values(db) == ["quiet"]
+    assert heard == []
+
+
+# -- the guard reads SQL as the server does ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [
+        ["SELECT 1 --\r; COMMIT; BEGIN"],
+        ["SELECT 1 AS \u00d7$a$; COMMIT; SELECT 1 AS \u00d7$a$"],
+        ["SET LOCAL standard_conforming_strings = off", "SELECT 'a\\'' ; COMMIT; --'"],
+        ["SELECT E'a'\n'\\' ; COMMIT ; --' ; COMMIT"],
+    ],
+    ids=["carriage-return", "dollar-in-a-name", "backslash-quote", "continued-escape-string"],
+)
+def test_sql_the_old_reading_let_through_commits_nothing(
+    make_handler: Callable[..., DatabaseResourceHandler],
+    res: Resource,
+    db: Any,
+    steps: list[str],
+) -> None:
+    handler = make_handler()
+    handler.execute(res, "p", "INSERT INTO t VALUES ('until the plan ends')")
+    for sql in steps[:-1]:
+        handler.execute(res, "p", sql)
+    with pytest.raises(ResourceError, match="more than one statement"):
+        handler.execute(res, "p", steps[-1])
+    assert _values(db) == []
+    handler.rollback_plan("p")
+    assert _values(db) == []
+
+
+# Pieces of SQL whose reading is easy to get wrong: quotes of every kind,
+# comments ended by CR or LF, nested comments, dollar quotes, names holding $.
+_PIECES = [
+    " ",
+    "\n",
+    "\r",
+    "\t",
+    ";",
+    "--",
+    "/*",
+    "*/",
+    "'",
+    "''",
+    "E'",
+    "e'",
+    "\\",
+    "\\'",
+    "$$",
+    "$a$",
+    "$é$",
+    "$1",
+    '"',
+    '""',
+    "U&'",
+    'U&"',
+    "X'",
+    "B'",
+    "\u00d7",
+    "a",
+    "E",
+    "1",
+    "1.",
+    ".",
+    ":",
+    "-",
+    "*",
+    "/",
+    "+",
+    ",",
+    "(",
+    ")",
+    "é",
+    "x$",
+    "$",
+]
+_LITERALS = st.sampled_from(
+    [
+        "'a;b'",
+        "'--'",
+        "'/*'",
+        "E'\\';'",
+        "E'a'\n';'",
+        "$$;$$",
+        "$q$ $$; $q$",
+        "'it''s;'",
+        '"c;""d"',
+        "U&'\\0061;'",
+        "X'1F'",
+        "1",
+        "\u00d7$a$",
+        "B'0'",
+        "e'\\\\'",
+    ]
+)
+_GAPS = st.sampled_from([" ", "\n", " -- ;x\r", " -- ;x\n", " /* ; /* ; */ ; */ ", "\t", ""])
+
+
+@st.composite
+def _sql_texts(draw: st.DrawFn) -> str:
+    """Mostly SELECTs of tricky literals between tricky gaps, sometimes loose pieces."""
+    if draw(st.booleans()):
+        statements = [
+            f"SELECT {draw(_LITERALS)}{draw(_GAPS)}"
+            for _ in range(draw(st.integers(min_value=1, max_value=3)))
+        ]
+        text = draw(_GAPS).join(statements) if len(statements) == 1 else ";".join(statements)
+        return text + draw(st.sampled_from(["", ";", "; ;"]))
+    return "SELECT 1 " + "".join(draw(st.lists(st.sampled_from(_PIECES), max_size=12)))
+
+
+@pytest.fixture(scope="module")
+def reader() -> Iterator[Any]:
+    """A plain session that runs a text and says how many statements the server ran."""
+    with _connect(os.environ[DSN_VARIABLE]) as conn:
+        yield conn
+
+
+def _server_statements(conn: Any, text: str, standard: bool) -> int | None:
+    """Run *text* in a transaction rolled back after; return how many statements ran, or None."""
+    conn.execute(f"SET standard_conforming_strings = {'on' if standard else 'off'}")
+    pgconn = conn.pgconn
+    pgconn.exec_(b"BEGIN")
+    pgconn.send_query(text.encode())
+    ran, failed = 0, False
+    while (result := pgconn.get_result()) is not None:
+        if result.status == psycopg.pq.ExecStatus.FATAL_ERROR:
+            failed = True
+        elif result.status in (psycopg.pq.ExecStatus.TUPLES_OK, psycopg.pq.ExecStatus.COMMAND_OK):
+            ran += 1
+    pgconn.exec_(b"ROLLBACK")
+    return None if failed else ran
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=_sql_texts(), standard=st.booleans())
+def test_the_guard_counts_statements_as_the_server_runs_them(
+    reader: Any, text: str, standard: bool
+) -> None:
+    ran = _server_statements(reader, text, standard)
+    try:
+        count, _ = pgsql.outline(text, standard_strings=standard)
+    except pgsql.Unreadable:
+        count = None
+    if ran is not None:  # the server read it: so must the guard, the same way
+        assert count == ran, (text, standard)
+
+
+# -- a session the server ended never lets a plan commit elsewhere ------------------------
+
+
+def _plan_on_both(
+    handler: DatabaseResourceHandler, res: Resource, tmp_path: Path
+) -> tuple[Resource, int]:
+    """Start plan p on SQLite then PostgreSQL; return the SQLite resource and the backend pid."""
+    notes = Resource(
+        "notes", "database", engine="sqlite", location=str(tmp_path / "notes.db"), checkpoint_ttl=60
+    )
+    handler.execute(notes, "p", "CREATE TABLE n (v TEXT)")
+    handler.execute(notes, "p", "INSERT INTO n VALUES ('sqlite')")
+    with handler.connection(res, "p") as conn:
+        conn.execute("INSERT INTO t VALUES ('postgresql')")
+        return notes, int(conn.info.backend_pid)
+
+
+def _gone(db: Any, pid: int) -> bool:
+    row = db.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+    return bool(row == (0,))
+
+
+def test_a_session_ended_while_the_plan_worked_elsewhere_commits_nothing_anywhere(
+    make_handler: Callable[..., DatabaseResourceHandler], res: Resource, db: Any, tmp_path: Path
+) -> None:
+    handler = make_handler()
+    notes, pid = _plan_on_both(handler, res, tmp_path)
+    db.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    assert _wait_until(lambda: _gone(db, pid))
+    handler.execute(notes, "p", "INSERT INTO n VALUES ('later')")  # the plan goes on elsewhere
+    with pytest.raises(ResourceError, match="nothing was committed: the server ended") as caught:
+        handler.release_plan("p")
+    assert not isinstance(caught.value, PartialCommitError)
+    assert _sqlite_tables(tmp_path / "notes.db") == []
+    assert _values(db) == []
+    stats = handler.stats()
+    assert (stats.commits, stats.rollbacks, stats.open_connections) == (0, 1, 1)
+
+
+def test_the_idle_backstop_ending_a_busy_plans_session_commits_nothing_anywhere(
+    make_handler: Callable[..., DatabaseResourceHandler],
+    pg_dsn: str,
+    db: Any,
+    tmp_path: Path,
+) -> None:
+    # checkpoint_ttl 0.2s: the server's backstop ends the PostgreSQL session once it
+    # sat idle in the plan's transaction for 0.2 * 1.25 + 5 s, while the plan,
+    # busy on SQLite all along, is never idle long enough for the reaper.
+    res = Resource("inv", "database", engine="postgresql", dsn=pg_dsn, checkpoint_ttl=0.2)
+    handler = make_handler()
+    notes, pid = _plan_on_both(handler, res, tmp_path)
+    deadline = time.monotonic() + 30
+    while not _gone(db, pid):
+        assert time.monotonic() < deadline, "the server's backstop never ended the session"
+        handler.execute(notes, "p", "SELECT 1")
+        time.sleep(0.05)
+    with pytest.raises(ResourceError, match="nothing was committed: the server ended") as caught:
+        handler.release_plan("p")
+    assert not isinstance(caught.value, PartialCommitError)
+    assert _sqlite_tables(tmp_path / "notes.db") == []
+    assert _values(db) == []
+    assert handler.stats().reaped == 0
+
+
+def test_a_session_idle_for_its_checkpoint_ttl_is_asked_before_any_commit(
+    pg_dsn: str, db: Any
+) -> None:
+    engine = postgresql_module.PostgreSQLEngine()
+    settings = postgresql_module.PostgreSQLSettings(
+        engine="postgresql", dsn=pg_dsn, checkpoint_ttl=0.2
+    )
+    conn = engine.open(settings, application_name="unused")
+    try:
+        engine.begin(conn, settings, plan_id="p")
+        pid = conn.info.backend_pid
+
+        def last_query() -> str:
+            row = db.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+            return str(row[0])
+
+        assert engine.check_committable(conn) is None
+        assert last_query().startswith("BEGIN")  # just used: no round trip
+        time.sleep(0.3)  # idle for longer than checkpoint_ttl
+        assert engine.check_committable(conn) is None
+        assert last_query() == "SHOW cleveragents.transaction"  # asked, and still there
+        engine.rollback(conn)
+        assert engine.is_clean(conn)
+    finally:
+        engine.close(conn)
+
+
+# -- busy and lost, from every way a lent session runs SQL --------------------------------
+
+
+def _locked_row(db: Any, pg_dsn: str) -> Any:
+    """Insert a row and return a session holding its lock (roll it back when done)."""
+    db.execute("INSERT INTO t VALUES ('held')")
+    holder = _connect(pg_dsn)
+    holder.execute("BEGIN")
+    holder.execute("SELECT * FROM t FOR UPDATE")
+    return holder
+
+
+def _via_stream(conn: Any) -> None:
+    list(conn.cursor().stream("SELECT * FROM t FOR UPDATE"))
+
+
+def _via_copy(conn: Any) -> None:
+    with conn.cursor().copy("COPY (SELECT * FROM t FOR UPDATE) TO STDOUT") as copy:
+        list(copy)
+
+
+def _via_fetch(conn: Any) -> None:
+    cursor = conn.cursor("locking")
+    cursor.execute("SELECT * FROM t FOR UPDATE")
+    cursor.fetchall()
+
+
+def _via_executemany(conn: Any) -> None:
+    conn.cursor().executemany("UPDATE t SET v = %s", [("a",), ("b",)])
+
+
+def _via_execute(conn: Any) -> None:
+    conn.execute("UPDATE t SET v = 'x'")
+
+
+_PATHS = [_via_stream, _via_copy, _via_fetch, _via_executemany, _via_execute]
+
+
+@pytest.mark.parametrize("path", _PATHS)
+def test_a_lock_wait_on_any_path_of_a_block_is_busy(
+    make_handler: Callable[..., DatabaseResourceHandler],
+    res: Resource,
+    db: Any,
+    pg_dsn: str,
+    path: Callable[[Any], None],
+) -> None:
+    holder = _locked_row(db, pg_dsn)
+    handler = make_handler()
+    try:
+        with pytest.raises(ResourceBusyError) as caught, handler.connection(res, "p") as conn:
+            path(conn)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert isinstance(caught.value.__cause__, psycopg.errors.LockNotAvailable)
+    handler.rollback_plan("p")
+
+
+@pytest.mark.parametrize("path", _PATHS)
+def test_a_session_lost_on_any_path_of_a_block_expires_the_plan(
+    make_handler: Callable[..., DatabaseResourceHandler],
+    res: Resource,
+    db: Any,
+    path: Callable[[Any], None],
+) -> None:
+    db.execute("INSERT INTO t VALUES ('row')")
+    handler = make_handler()
+    with handler.connection(res, "p") as conn:
+        pid = conn.info.backend_pid
+    db.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    assert _wait_until(lambda: _gone(db, pid))
+    with pytest.raises(CheckpointExpiredError) as caught, handler.connection(res, "p") as conn:
+        path(conn)
+    assert isinstance(caught.value.__cause__, psycopg.OperationalError)
+    with pytest.raises(ResourceError, match="server ended"):
+        handler.release_plan("p")
+    assert _values(db) == ["row"]
+
+
+# -- more ways a plan leaves its session, and what becomes of that session -----------------
+
+
+def test_sql_that_does_not_decode_or_comes_by_psycopgs_command_path_is_read_too(
+    make_handler: Callable[..., DatabaseResourceHandler], res: Resource, db: Any
+) -> None:
+    handler = make_handler()
+    with handler.connection(res, "p") as conn:
+        conn.execute("INSERT INTO t VALUES ('kept')")
+        with pytest.raises(ResourceError, match="does not decode in the session's client encoding"):
+            conn.cursor().execute(b"SELECT '\xff'; COMMIT")
+        with pytest.raises(ResourceError, match="plans may not run ROLLBACK"):
+            conn.wait(conn._exec_command("ROLLBACK"))  # psycopg's own command path
+        conn.cursor_factory = conn.cursor_factory  # guarded already: kept as it is
+        with pytest.raises(ResourceError, match="plans may not run COMMIT"):
+            conn.execute("COMMIT")
+    handler.release_plan("p")
+    assert _values(db) == ["kept"]
+
+
+def test_a_commit_that_fails_commits_nothing_and_the_session_is_reused(
+    make_handler: Callable[..., DatabaseResourceHandler], res: Resource, db: Any
+) -> None:
+    db.execute("CREATE TABLE u (k INT UNIQUE DEFERRABLE INITIALLY DEFERRED)")
+    handler = make_handler(max_connections=1)
+    handler.execute(res, "p", "INSERT INTO t VALUES ('never')")
+    handler.execute(res, "p", "INSERT INTO u VALUES (1), (1)")  # checked at COMMIT
+    handler.execute(res, "p", "PREPARE leftover AS SELECT 1")
+    with pytest.raises(ResourceError, match="duplicate key") as caught:
+        handler.release_plan("p")
+    assert isinstance(caught.value.__cause__, psycopg.errors.UniqueViolation)
+    assert _values(db) == []
+    assert handler.stats().idle_connections == 1  # reset, so pooled again
+    assert handler.execute(res, "next", "SELECT count(*) FROM pg_prepared_statements") == [(0,)]
+    handler.release_plan("next")
+
+
+def test_a_stream_left_running_poisons_the_plan_and_its_session_is_closed(
+    make_handler: Callable[..., DatabaseResourceHandler], res: Resource, db: Any
+) -> None:
+    handler = make_handler(max_connections=1)
+    with handler.connection(res, "p") as conn:
+        conn.execute("INSERT INTO t VALUES ('never')")
+        rows = conn.cursor().stream("SELECT generate_series(1, 100000)")
+        next(rows)  # the block ends with the statement still sending rows
+    with pytest.raises(ResourceError, match="still running on its session"):
+        handler.execute(res, "p", "SELECT 1")
+    with pytest.raises(ResourceError, match="nothing was committed"):
+        handler.release_plan("p")
+    del rows
+    assert _values(db) == []
+    assert handler.stats().open_connections == 0  # closed, never pooled
+    handler.execute(res, "next", "INSERT INTO t VALUES ('next')")
+    handler.release_plan("next")
+    assert _values(db) == ["next"]
+
+
+def test_a_pipeline_left_open_poisons_the_plan_and_its_session_is_closed(
+    make_handler: Callable[..., DatabaseResourceHandler], res: Resource, db: Any
+) -> None:
+    handler = make_handler(max_connections=1)
+    with handler.connection(res, "p") as conn:
+        conn.execute("INSERT INTO t VALUES ('never')")
+        pipeline = conn.pipeline()
+        pipeline.__enter__()  # never left
+    with pytest.raises(ResourceError, match="left its session in pipeline mode"):
+        handler.release_plan("p")
+    del pipeline
+    assert _values(db) == []
+    assert handler.stats().open_connections == 0
+
+
+def test_a_session_whose_guard_a_plan_switched_off_is_not_pooled(
+    make_handler: Callable[..., DatabaseResourceHandler], res: Resource, db: Any
+) -> None:
+    handler = make_handler(max_connections=1)
+    with handler.connection(res, "p") as conn:
+        conn.execute("INSERT INTO t VALUES ('kept')")
+        conn.handler_statement = True  # the guard lets everything through from now on
+    handler.release_plan("p")
+    assert _values(db) == ["kept"]
+    assert handler.stats().open_connections == 0  # closed: the next plan gets a guarded one
+    with handler.connection(res, "next") as conn, pytest.raises(ResourceError):
+        conn.execute("COMMIT")
+    handler.rollback_plan("next")
+
+
+def test_notifications_a_plan_received_do_not_reach_the_next_plan(
+    make_handler: Callable[..., DatabaseResourceHandler], res: Resource
+) -> None:
+    handler = make_handler(max_connections=1)
+    handler.execute(res, "p", "LISTEN news")
+    handler.execute(res, "p", "NOTIFY news, 'private to p'")
+    handler.release_plan("p")  # the session hears its own notification as it commits
+    with handler.connection(res, "next") as conn:
+        assert list(conn.notifies(timeout=0.2)) == []
+    handler.rollback_plan("next")
+
+
+def test_a_reset_that_fails_after_the_commit_keeps_the_commit_and_closes_the_session(
+    make_handler: Callable[..., DatabaseResourceHandler],
+    res: Resource,
+    db: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(postgresql_module, "_RESET_SESSION", "SELECT 1 / 0")
+    handler = make_handler()
+    handler.execute(res, "p", "INSERT INTO t VALUES ('committed')")
+    with caplog.at_level(logging.INFO, logger=postgresql_module.__name__):
+        handler.release_plan("p")  # the COMMIT worked: no error for the plan
+    assert _values(db) == ["committed"]
+    assert handler.stats().commits == 1
+    assert handler.stats().open_connections == 0  # not pooled: it may hold the plan's state
+    assert "resetting a session failed" in caplog.text
+
+
+def test_the_engine_tells_a_transaction_ended_around_it_and_an_unfinished_session(
+    pg_dsn: str,
+) -> None:
+    engine = postgresql_module.PostgreSQLEngine()
+    settings = postgresql_module.PostgreSQLSettings(engine="postgresql", dsn=pg_dsn)
+    conn = engine.open(settings, application_name="unused")
+    try:
+        conn.pgconn.exec_(b"BEGIN")  # a transaction the handler did not begin
+        assert not engine.is_clean(conn)
+        conn.pgconn.exec_(b"ROLLBACK")
+        assert engine.is_clean(conn)
+        engine.begin(conn, settings, plan_id="p")
+        assert engine.check_committable(conn) is None
+        conn.pgconn.exec_(b"COMMIT")
+        assert engine.check_committable(conn) == postgresql_module._GONE_BY_PLAN
+        engine.rollback(conn)  # nothing to roll back
+        assert not engine.is_clean(conn)
+    finally:
+        engine.close(conn)
+
+
+def test_a_plan_whose_session_died_gets_expired_on_every_later_call(
+    make_handler: Callable[..., DatabaseResourceHandler], res: Resource, db: Any
+) -> None:
+    handler = make_handler()
+    with handler.connection(res, "p") as conn:
+        pid = conn.info.backend_pid
+    db.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    assert _wait_until(lambda: _gone(db, pid))
+    for label in ("first", "second"):  # the first learns of it, the second finds it closed
+        with pytest.raises(CheckpointExpiredError):
+            handler.create_checkpoint(res, "p", label)
+    handler.rollback_plan("p")
+
+
+def test_psycopgs_prepared_statements_serve_later_plans_and_stay_in_step_with_the_server(
+    make_handler: Callable[..., DatabaseResourceHandler], res: Resource, db: Any
+) -> None:
+    # One session: a statement run often enough is prepared by psycopg and kept
+    # for the next plans; a rollback, or a plan that PREPAREs statements of its
+    # own, deallocates everything, and psycopg is told so.
+    handler = make_handler(max_connections=1)
+    insert = "INSERT INTO t VALUES (:v)"
+    count = "SELECT count(*) FROM pg_prepared_statements WHERE NOT from_sql"
+    for n in range(6):
+        handler.execute(res, f"p{n}", insert, {"v": f"a{n}"})
+        handler.release_plan(f"p{n}")
+    handler.execute(res, "again", insert, {"v": "b"})  # prepared, kept across commits
+    assert handler.execute(res, "again", count) == [(1,)]
+    handler.release_plan("again")
+    handler.execute(res, "undone", insert, {"v": "never"})
+    handler.rollback_plan("undone")  # deallocates, and psycopg forgets its names
+    assert handler.execute(res, "after", count) == [(0,)]
+    handler.execute(res, "after", insert, {"v": "e"})
+    handler.release_plan("after")
+    for n in range(6):
+        handler.execute(res, f"q{n}", insert, {"v": f"c{n}"})
+        if n == 3:
+            handler.execute(res, f"q{n}", "PREPARE mine AS SELECT 1")
+        handler.release_plan(f"q{n}")
+    handler.execute(res, "last", insert, {"v": "d"})
+    left = "SELECT count(*) FROM pg_prepared_statements WHERE from_sql"
+    assert handler.execute(res, "last", left) == [(0,)]
+    handler.release_plan("last")
+    assert len(_values(db)) == 6 + 1 + 1 + 6 + 1
+
+
+def test_ctrl_c_in_the_commit_message_after_the_commit_is_counted_and_the_session_reset(
+    make_handler: Callable[..., DatabaseResourceHandler],
+    res: Resource,
+    db: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    handler = make_handler(max_connections=2)
+    handler.execute(res, "p", "INSERT INTO t VALUES ('committed')")
+    handler.execute(res, "p", "SELECT set_config('lock_timeout', '0', false)")
+    notes = Resource("notes", "database", engine="sqlite", location=str(tmp_path / "notes.db"))
+    handler.execute(notes, "p", "CREATE TABLE n (v TEXT)")
+    engine = handler._resolver.engines["postgresql"]
+    real_results = engine._results_of
+
+    def results_then_ctrl_c(pgconn: Any) -> Any:
+        results = yield from real_results(pgconn)
+        if any(result.command_status == b"COMMIT" for result in results):
+            raise KeyboardInterrupt  # the server ran the whole message; the client was interrupted
+        return results
+
+    monkeypatch.setattr(engine, "_results_of", results_then_ctrl_c)
+    with pytest.raises(PartialCommitError) as caught:
+        handler.release_plan("p")
+    monkeypatch.undo()
+    assert caught.value.committed == ["inv"]  # PostgreSQL first, then SQLite, never committed
+    assert isinstance(caught.value.__cause__, KeyboardInterrupt)
+    assert _values(db) == ["committed"]
+    assert _sqlite_tables(tmp_path / "notes.db") == []
+    # The session was reset after all, and pooled: the next plan gets the handler's lock_timeout.
+    assert handler.execute(res, "next", "SHOW lock_timeout") == [("500ms",)]
+    handler.rollback_plan("next")

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from cleveragents.errors import PlanError, ResourceError
 from cleveragents.plan import load_plan
 from cleveragents.resource import Resource
-from cleveragents.resource.handlers import postgresql
+from cleveragents.resource.handlers import _pg_connection, postgresql
+from cleveragents.resource.handlers import _pgsql as pgsql
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
 from cleveragents.resource.handlers.postgresql import (
     PostgreSQLEngine,
@@ -290,3 +294,248 @@ def test_the_secrets_remembered_for_redaction_stay_bounded() -> None:
     assert SECRET not in engine.redact(ValueError(f"failed for {DSN}"))
     assert "pw0999x" not in engine.redact(ValueError("password is pw0999x"))
     assert "pw0000x" in engine.redact(ValueError("password is pw0000x"))  # forgotten: oldest
+
+
+# -- reading SQL as PostgreSQL's lexer does -----------------------------------------
+
+_ONE = "more than one statement"
+
+
+@pytest.mark.parametrize(
+    ("sql", "refused"),
+    [
+        # A -- comment ends at a line feed or a carriage return, nowhere else.
+        ("SELECT 1 --\r; COMMIT; BEGIN", _ONE),
+        ("SELECT 1 --\n; COMMIT", _ONE),
+        ("SELECT 1 -- ; COMMIT", None),
+        ("SELECT 1+--\r;COMMIT", _ONE),  # an operator stops where a comment starts
+        # Block comments nest; an unterminated one cannot be read.
+        ("SELECT 1 /* /* */ ; COMMIT; */", None),
+        ("SELECT 1 /* /* */ ; COMMIT; /* */", "unterminated /* comment"),
+        ("SELECT 1 /**/; COMMIT", _ONE),
+        ("/* c */ COMMIT", "COMMIT: cleveragents owns"),
+        ("/* a /* b */ c */ ROLLBACK", "ROLLBACK: cleveragents owns"),
+        # Standard strings double a quote; backslashes are plain characters.
+        ("SELECT 'a\\'; COMMIT; --'", _ONE),
+        ("SELECT 'a''; COMMIT; --'", None),
+        ("SELECT 'a'\n'; COMMIT; --'", None),  # continued on the next line: still a string
+        ("SELECT 'a' '; COMMIT; --'", None),  # two strings (a syntax error), no COMMIT
+        # Escape strings read backslashes, also when continued on the next line.
+        ("SELECT E'a\\'; COMMIT; --'", None),
+        ("SELECT e'\\\\'; COMMIT; --'", _ONE),
+        ("SELECT E'a'\n'\\'; COMMIT; --'", None),
+        ("SELECT E'a'\r\n  -- note\n'\\'; COMMIT; --'", None),
+        ("SELECT E'a' '\\'; COMMIT; --'", _ONE),  # no newline: not a continuation
+        # E starts an escape string only where a token starts.
+        ("SELECT 1 AS tablE'\\'; COMMIT; --'", _ONE),
+        ("SELECT 1 AS \u00d7E'\\'; COMMIT; --'", _ONE),
+        ("SELECT 1.E'\\'; COMMIT; --'", None),
+        # Bit strings end at the next quote; U& strings read like standard ones.
+        ("SELECT X'\\'; COMMIT; --'", _ONE),
+        ("SELECT B'01'; COMMIT", _ONE),
+        ("SELECT U&'d\\0061t\\+000061'; COMMIT", _ONE),
+        ("SELECT U&'\\'; COMMIT; --'", _ONE),
+        ('SELECT U&"a""b;"', None),
+        # Quoted names double a quote.
+        ('SELECT 1 AS "a;""COMMIT"', None),
+        ('SELECT 1 AS "a"; COMMIT', _ONE),
+        ('"COMMIT"', None),  # a name, not the keyword (and a syntax error)
+        # Dollar quotes end at the same delimiter; $ inside a name starts nothing.
+        ("SELECT $$; COMMIT; $$", None),
+        ("SELECT $f$ $g$; $f$ ; COMMIT", _ONE),
+        ("SELECT $f$ $g$; COMMIT $g$ $f$", None),
+        ("SELECT $é$; COMMIT; $é$", None),
+        ("SELECT 1 AS \u00d7$a$; COMMIT; SELECT 1 AS \u00d7$a$", _ONE),
+        ("SELECT 1 AS a$b$; COMMIT; SELECT 1 AS a$b$", _ONE),
+        ("SELECT $1$a$; COMMIT; $a$", None),
+        ("SELECT $a$ never closed", "unterminated dollar quote ($a$)"),
+        # Whatever cannot be read with certainty is refused.
+        ("SELECT 'never closed", "unterminated quoted string"),
+        ("SELECT E'never closed\\'", "unterminated quoted string"),
+        ("SELECT X'never closed", "unterminated quoted string"),
+        ('SELECT "never closed', 'unterminated quoted name (")'),
+        ("SELECT 1\x00; COMMIT", "a NUL character"),
+        # Keywords: ASCII only, any case; empty statements do not count.
+        ("commit", "COMMIT: cleveragents owns"),
+        ("CoMmIt", "COMMIT: cleveragents owns"),
+        ("comm\u0131t", None),  # a dotless i: a name, not the keyword
+        ("SELECT 1;;", None),
+        ("SELECT 1; -- the end", None),
+        ("SELECT 1 -- x\n ; /* the end */ ; ", None),
+        ("SELECT 1 -- x\n ; 'y'", _ONE),
+        (";; SELECT 1 ; ", None),
+        ("", None),
+        ("  -- nothing\n/* at all */", None),
+        ("SET LOCAL lock_timeout = 0", None),
+        ("set /* x */ local lock_timeout = 0", None),
+        ("SET SESSION lock_timeout = 0", "SET without LOCAL"),
+        ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", None),
+        ("SET CONSTRAINTS ALL DEFERRED", None),
+        ("LOAD 'auto_explain'", "LOAD: a library loaded into the session"),
+        ("PREPARE TRANSACTION 'x'", "PREPARE TRANSACTION"),
+        ("PREPARE q AS SELECT 1", None),
+        ("START TRANSACTION", "START: cleveragents owns"),
+        # A function body in BEGIN ATOMIC has semicolons: refused, the safe way.
+        (
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; END",
+            _ONE,
+        ),
+    ],
+)
+def test_plan_sql_is_read_as_postgresql_reads_it(sql: str, refused: str | None) -> None:
+    refusal = _pg_connection._refusal(sql, True)
+    if refused is None:
+        assert refusal is None, refusal
+    else:
+        assert refusal is not None
+        assert refused in refusal
+        assert "\n" not in refusal
+
+
+@pytest.mark.parametrize(
+    ("sql", "refused"),
+    [
+        ("SELECT 'a\\'; COMMIT; --'", None),  # the backslash escapes the quote now
+        ("SELECT 'a\\'' ; COMMIT; --'", _ONE),
+        ("SELECT 'a''; COMMIT; --'", None),
+        ("SELECT U&'x'", "U&'...' string while standard_conforming_strings is off"),
+    ],
+)
+def test_with_standard_conforming_strings_off_quotes_read_backslashes(
+    sql: str, refused: str | None
+) -> None:
+    refusal = _pg_connection._refusal(sql, False)
+    if refused is None:
+        assert refusal is None, refusal
+    else:
+        assert refusal is not None
+        assert refused in refusal
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        ("SELECT :a --\r, :b", "SELECT %(a)s --\r, %(b)s"),
+        ("SELECT /* /* */ :no */ :yes", "SELECT /* /* */ :no */ %(yes)s"),
+        ("SELECT E'\\' :no', :yes", "SELECT E'\\' :no', %(yes)s"),
+        ("SELECT 1 AS \u00d7$a$, :yes", "SELECT 1 AS \u00d7$a$, %(yes)s"),
+        ("SELECT :E'x'", "SELECT :E'x'"),  # a colon, then an escape string
+        ("SELECT :a$b", "SELECT :a$b"),  # a$b is one name to PostgreSQL
+        ("SELECT :a::int, a[1:n]", "SELECT %(a)s::int, a[1%(n)s]"),
+    ],
+)
+def test_named_parameters_are_found_as_postgresql_reads_the_sql(sql: str, expected: str) -> None:
+    assert _to_pyformat(sql, "named") == expected
+
+
+def test_sql_whose_placeholders_cannot_be_read_is_refused() -> None:
+    with pytest.raises(ResourceError, match=r"unterminated /\* comment: it cannot be read"):
+        _to_pyformat("SELECT :a /* never closed", "named")
+
+
+# -- settings shared by the engines -------------------------------------------------
+
+
+def test_both_engines_settings_share_one_base() -> None:
+    from cleveragents.resource.handlers.engine import EngineSettings
+    from cleveragents.resource.handlers.sqlite import SQLiteSettings
+
+    shared = {"engine", "busy_timeout", "checkpoint_ttl"}
+    for model in (PostgreSQLSettings, SQLiteSettings):
+        assert issubclass(model, EngineSettings)
+        assert shared <= set(model.model_fields)
+        for name in shared - {"engine"}:
+            field, base = model.model_fields[name], EngineSettings.model_fields[name]
+            assert (field.annotation, field.default, field.description) == (
+                base.annotation,
+                base.default,
+                base.description,
+            ), name
+    assert PostgreSQLSettings.model_config["hide_input_in_errors"] is True
+    assert PostgreSQLSettings.model_config["extra"] == "forbid"
+    assert SQLiteSettings.model_config["extra"] == "forbid"
+
+
+def test_making_an_engine_changes_no_class_attribute() -> None:
+    before = dict(vars(PostgreSQLEngine))
+    engine = PostgreSQLEngine()
+    assert dict(vars(PostgreSQLEngine)) == before
+    assert engine.driver_error is psycopg.Error
+    assert "driver_error" not in vars(PostgreSQLEngine)
+
+
+# -- the fast reading cuts SQL as the token-by-token one ----------------------------
+
+_ALPHABET = [
+    " ", "\n", "\r", ";", "--", "/*", "*/", "'", "''", "E'", "\\", "$$", "$a$", "$1", '"',
+    "U&'", "X'", "\u00d7", "a", "E", "1", ".", ":", "::", "?", "%", "-", "/", "*", "(", "x$",
+]  # fmt: skip
+_TEXTS = st.lists(st.sampled_from(_ALPHABET), max_size=16).map("".join)
+
+
+def _count_one_by_one(sql: str, standard: bool) -> int:
+    count, inside = 0, False
+    for kind, _, _ in pgsql.tokens(sql, standard_strings=standard):
+        if kind in {"space", "comment"}:
+            continue
+        if kind == "semicolon":
+            inside = False
+        elif not inside:
+            inside, count = True, count + 1
+    return count
+
+
+def _placeholders_one_by_one(sql: str) -> str:
+    parts = []
+    found = list(pgsql.tokens(sql))
+    index = 0
+    while index < len(found):
+        kind, start, end = found[index]
+        text, index = sql[start:end], index + 1
+        if kind != "other":
+            parts.append(text.replace("%", "%%"))
+        elif text == "%":
+            parts.append("%%")
+        elif text == ":" and sql.startswith(":", end):
+            parts.append("::")
+            index += 1
+        elif text == ":" and index < len(found) and found[index][0] == "word":
+            name = sql[found[index][1] : found[index][2]]
+            if found[index][1] == end and re.fullmatch(r"[A-Za-z_]\w*", name):
+                parts.append(f"%({name})s")
+                index += 1
+            else:
+                parts.append(text)
+        else:
+            parts.append(text)
+    return "".join(parts)
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=_TEXTS, standard=st.booleans())
+def test_counting_statements_in_stretches_agrees_with_token_by_token(
+    text: str, standard: bool
+) -> None:
+    try:
+        expected: int | None = _count_one_by_one(text, standard)
+    except pgsql.Unreadable:
+        expected = None
+    try:
+        count: int | None = pgsql.outline(text, standard_strings=standard)[0]
+    except pgsql.Unreadable:
+        count = None
+    assert count == expected, text
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=_TEXTS)
+def test_finding_placeholders_in_stretches_agrees_with_token_by_token(text: str) -> None:
+    try:
+        expected: str | None = _placeholders_one_by_one(text)
+    except pgsql.Unreadable:
+        expected = None
+    try:
+        found: str | None = _to_pyformat.__wrapped__(text, "named")  # type: ignore[attr-defined]
+    except ResourceError:
+        found = None
+    assert found == expected, text

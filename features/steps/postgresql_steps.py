@@ -226,6 +226,28 @@ def step_pg_plan_aborted(context: Any, plan: str, value: str) -> None:
     raise AssertionError("the transaction was not aborted")
 
 
+@when('PostgreSQL plan "{plan}" runs "{sql}"')
+def step_pg_plan_runs(context: Any, plan: str, sql: str) -> None:
+    context.pg_handler.execute(context.pg_resource, plan, sql)
+
+
+@when('PostgreSQL plan "{plan}" tries to run a COMMIT after a comment ended by a carriage return')
+def step_pg_plan_tries_cr_commit(context: Any, plan: str) -> None:
+    sql = "SELECT 1 --\r; COMMIT; BEGIN"
+    _attempt(context, lambda: context.pg_handler.execute(context.pg_resource, plan, sql))
+
+
+@when('a tool of PostgreSQL plan "{plan}" commits straight through libpq')
+def step_pg_tool_commits_through_libpq(context: Any, plan: str) -> None:
+    with context.pg_handler.connection(context.pg_resource, plan) as conn:
+        conn.pgconn.exec_(b"COMMIT")
+
+
+@when('PostgreSQL plan "{plan}" is rolled back')
+def step_pg_plan_rolled_back(context: Any, plan: str) -> None:
+    context.pg_handler.rollback_plan(plan)
+
+
 @when('PostgreSQL plan "{plan}" is released')
 def step_pg_plan_released(context: Any, plan: str) -> None:
     context.pg_handler.release_plan(plan)

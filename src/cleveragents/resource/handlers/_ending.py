@@ -215,12 +215,11 @@ class EndingMixin(ConnectionsMixin):
         except BaseException as exc:
             conn = lease.conn
             # Interrupted (Ctrl-C) just after the COMMIT returned: it did commit.
-            # A connection left with no transaction open says so on every engine
-            # (transaction_lost() answers only where a plan's SQL can end one).
+            # A connection left with no transaction open says so on every engine.
             interrupted_after = (
                 not isinstance(exc, ResourceError)
                 and conn is not None
-                and lease.database.engine.is_clean(conn)
+                and not lease.database.engine.in_transaction(conn)
             )
             return exc, interrupted_after
         return None, True

@@ -6,8 +6,9 @@ import abc
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, ClassVar, Literal, NoReturn
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
+from cleveragents.durations import Duration
 from cleveragents.errors import ResourceError
 
 Outcome = Literal["busy", "lost", "other"]
@@ -29,6 +30,29 @@ CANNOT_ROLLBACK = (
     "a plan's connection cannot rollback(): fail the step (raise) to roll back to its "
     "checkpoint, or fail the plan to undo all of it"
 )
+
+
+class EngineSettings(BaseModel):
+    """The per-resource settings every engine has; each engine's model adds its own.
+
+    ``engine`` is narrowed by each engine to its own name, which tells the
+    models apart in a plan's resource entry.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    engine: str = Field(description="The database engine.")
+    busy_timeout: Duration = Field(
+        default=5.0,
+        description="How long a plan waits for a lock another plan or program holds before "
+        "ResourceBusyError (seconds, or '250ms', '5s').",
+    )
+    checkpoint_ttl: Duration | None = Field(
+        default=None,
+        gt=0,
+        description="Roll the plan back after it sat idle this long "
+        "(default: the handler's, 300s).",
+    )
 
 
 class PlanConnectionMixin:
@@ -75,7 +99,7 @@ class Engine(abc.ABC):
     #: Whether the handler admits writers to one database one plan at a time.
     serializes_writers: ClassVar[bool]
     #: The driver's base exception class; these are wrapped into ResourceError.
-    driver_error: ClassVar[type[BaseException]]
+    driver_error: type[BaseException]
     #: The handler's ``checkpoint_ttl``, for resources that set none (the handler sets it).
     default_checkpoint_ttl: float = 300.0
 
@@ -128,6 +152,10 @@ class Engine(abc.ABC):
         self, conn: Any, sql: str, params: Mapping[str, Any] | Sequence[Any] | None
     ) -> list[tuple[Any, ...]]:
         """Run one statement; a mapping of *params* binds ``:name``. Return its rows."""
+
+    @abc.abstractmethod
+    def in_transaction(self, conn: Any) -> bool:
+        """Whether *conn* has a transaction open (a local check: no round trip, no reset)."""
 
     @abc.abstractmethod
     def is_clean(self, conn: Any) -> bool:

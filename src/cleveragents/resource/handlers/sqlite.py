@@ -15,9 +15,8 @@ import time
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from cleveragents.durations import Duration
 from cleveragents.errors import ResourceError
 from cleveragents.resource.handlers._sqlite_connection import (
     CLOSED,
@@ -30,7 +29,7 @@ from cleveragents.resource.handlers._sqlite_connection import (
     getrefcount,
     refusal,
 )
-from cleveragents.resource.handlers.engine import Engine, Outcome
+from cleveragents.resource.handlers.engine import Engine, EngineSettings, Outcome
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +45,8 @@ _COMMIT = OWN + "COMMIT"
 _ROLLBACK = OWN + "ROLLBACK"
 
 
-class SQLiteSettings(BaseModel):
+class SQLiteSettings(EngineSettings):
     """Per-resource settings of an SQLite database."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     engine: Literal["sqlite"] = Field(default="sqlite", description="The database engine.")
     location: str = Field(
@@ -62,22 +59,11 @@ class SQLiteSettings(BaseModel):
     synchronous: Literal["off", "normal", "full", "extra"] = Field(
         default="full", description="PRAGMA synchronous of every connection."
     )
-    busy_timeout: Duration = Field(
-        default=5.0,
-        description="How long a writer waits for its turn or for another program's lock "
-        "(seconds, or '250ms', '5s').",
-    )
     foreign_keys: bool = Field(default=True, description="PRAGMA foreign_keys.")
     lock: Literal["immediate", "deferred"] = Field(
         default="immediate",
         description="'immediate' takes the write lock when the plan begins (writers); "
         "'deferred' only when it first writes (readers).",
-    )
-    checkpoint_ttl: Duration | None = Field(
-        default=None,
-        gt=0,
-        description="Roll the plan back after it sat idle this long "
-        "(default: the handler's, 300s).",
     )
 
 
@@ -87,7 +73,7 @@ class SQLiteEngine(Engine):
     name: ClassVar[str] = "sqlite"
     settings_model: ClassVar[type[BaseModel]] = SQLiteSettings
     serializes_writers: ClassVar[bool] = True
-    driver_error: ClassVar[type[BaseException]] = sqlite3.Error
+    driver_error: type[BaseException] = sqlite3.Error
 
     def __init__(self) -> None:
         # Switching a fresh file to WAL from two connections at once fails with
@@ -239,6 +225,9 @@ class SQLiteEngine(Engine):
             return CLOSED
 
     check_committable = transaction_lost
+
+    def in_transaction(self, conn: PlanConnection) -> bool:
+        return conn.in_transaction
 
     def is_clean(self, conn: PlanConnection) -> bool:
         try:
