@@ -30,7 +30,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cleveragents.errors import (
-    CheckpointEvictedError,
     CheckpointExpiredError,
     CleverAgentsError,
     PartialCommitError,
@@ -42,6 +41,7 @@ from cleveragents.hookspecs import hookimpl
 from cleveragents.plugins import get_plugin_manager
 from cleveragents.resource import Resource
 from cleveragents.resource.handlers import _finalize as finalize_module
+from cleveragents.resource.handlers import _pg_connection as pg_connection_module
 from cleveragents.resource.handlers import _pgsql as pgsql
 from cleveragents.resource.handlers import postgresql as postgresql_module
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
@@ -256,22 +256,6 @@ def test_connection_lends_the_plans_psycopg_session(
     assert idle == [(RUNTIME_NAME,)]  # an idle session names only the runtime
 
 
-def test_idle_sessions_are_reused_and_bounded(
-    make_handler: Callable[..., DatabaseResourceHandler], res: Resource, db: Any
-) -> None:
-    handler = make_handler(max_connections=2)
-    pids = set()
-    for n in range(5):
-        with handler.connection(res, f"p{n}") as conn:
-            pids.add(conn.info.backend_pid)
-        handler.release_plan(f"p{n}")
-    assert len(pids) == 1
-    assert handler.stats().idle_connections == 1
-
-
-# -- busy: locks, deadlocks ------------------------------------------------------------
-
-
 def test_a_row_lock_held_elsewhere_makes_the_plan_busy(
     make_handler: Callable[..., DatabaseResourceHandler], res: Resource, pg_dsn: str, db: Any
 ) -> None:
@@ -406,35 +390,6 @@ def test_max_connections_counts_sqlite_and_postgresql_together(
     assert handler.stats().open_connections == 2
     handler.release_plan("b")
     handler.release_plan("c")
-
-
-def test_evict_lru_rolls_back_the_oldest_postgresql_plan(
-    make_handler: Callable[..., DatabaseResourceHandler], res: Resource, db: Any
-) -> None:
-    handler = make_handler(max_connections=1, on_full="evict_lru")
-    handler.execute(res, "old", "INSERT INTO t VALUES ('old')")
-    handler.execute(res, "new", "INSERT INTO t VALUES ('new')")
-    with pytest.raises(CheckpointEvictedError):
-        handler.execute(res, "old", "SELECT 1")
-    handler.release_plan("new")
-    assert _values(db) == ["new"]
-
-
-# -- expiry: the reaper and the server's backstop ---------------------------------------
-
-
-def test_the_reaper_rolls_back_an_idle_plan(
-    make_handler: Callable[..., DatabaseResourceHandler], pg_dsn: str, db: Any
-) -> None:
-    res = Resource("inv", "database", engine="postgresql", dsn=pg_dsn, checkpoint_ttl=0.2)
-    handler = make_handler()
-    handler.create_checkpoint(res, "p1", "cp")
-    handler.execute(res, "p1", "INSERT INTO t VALUES ('stale')")
-    assert _wait_until(lambda: handler.stats().reaped == 1)
-    with pytest.raises(CheckpointExpiredError, match="checkpoint_ttl"):
-        handler.execute(res, "p1", "SELECT 1")
-    assert _values(db) == []
-    assert handler.stats().open_connections <= 1
 
 
 def test_a_session_the_server_ended_expires_the_plan(
@@ -917,7 +872,7 @@ def test_sql_that_slips_past_the_reading_still_cannot_commit_later_statements(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The backstop behind the statement check: pretend the check missed a COMMIT.
-    monkeypatch.setattr(postgresql_module, "_read", lambda sql, standard=True: (None, ""))
+    monkeypatch.setattr(pg_connection_module, "_read", lambda sql, standard=True: (None, ""))
     handler = make_handler()
     handler.execute(res, "p", "INSERT INTO t VALUES ('x')")
     with pytest.raises(ResourceError, match=r"ended the plan's transaction \(ROLLBACK\)"):
