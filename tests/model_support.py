@@ -728,8 +728,19 @@ class SQLiteReference:
     def act(self, conn: Any, act: Act) -> list[Any]:
         return run_sqlite_act(conn, act, kept=None)
 
+    def fingerprint(self, conn: Any) -> Any:
+        return sqlite_fingerprint(conn)
+
     def close(self, conn: Any) -> None:
         conn.close()
+
+    def write_outside(self, sql: str) -> None:
+        """Commit *sql* from a connection of another program (not the handler's)."""
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=5)
+        try:
+            conn.execute(sql)
+        finally:
+            conn.close()
 
     def snapshot(self) -> dict[str, Any]:
         """What is committed now; read again only when another connection committed."""
@@ -757,6 +768,85 @@ def sqlite_snapshot(conn: sqlite3.Connection) -> dict[str, Any]:
     if any(row[1] == "extra" for row in found["schema"]):
         found["extra"] = read("SELECT x FROM main.extra ORDER BY x").fetchall()
     return found
+
+
+# Per-connection settings a plan or tool might change, read on every new lease:
+# whatever one plan left on a pooled connection shows up in the next plan's.
+_SQLITE_SETTINGS = (
+    "ignore_check_constraints",
+    "automatic_index",
+    "reverse_unordered_selects",
+    "wal_autocheckpoint",
+    "max_page_count",
+    "cache_size",
+    "cache_spill",
+    "legacy_alter_table",
+    "foreign_keys",
+    "query_only",
+    "recursive_triggers",
+    "defer_foreign_keys",
+    "cell_size_check",
+    "count_changes",
+    "short_column_names",
+    "full_column_names",
+    "temp_store",
+    "locking_mode",
+    "trusted_schema",
+    "writable_schema",
+    "read_uncommitted",
+    "fullfsync",
+    "checkpoint_fullfsync",
+    "journal_size_limit",
+    "secure_delete",
+    "threads",
+    "analysis_limit",
+)
+_SQLITE_BEHAVIOUR = (
+    "SELECT 'a' LIKE 'A', upper('a'), typeof('x'), "
+    "(SELECT group_concat(type || ' ' || name, ', ') FROM temp.sqlite_master)"
+)
+
+
+def sqlite_fingerprint(conn: Any) -> dict[str, Any]:
+    """What a plan finds on an SQLite connection: Python-side state, settings, TEMP objects."""
+    found: dict[str, Any] = {
+        "row_factory": conn.row_factory,
+        "text_factory": conn.text_factory,
+        "isolation_level": conn.isolation_level,
+    }
+    for name in _SQLITE_SETTINGS:
+        found[name] = [tuple(row) for row in conn.execute(f"PRAGMA {name}").fetchall()]
+    found["behaviour"] = [tuple(row) for row in conn.execute(_SQLITE_BEHAVIOUR).fetchall()]
+    return found
+
+
+_PG_FINGERPRINT = """
+SELECT current_setting('lock_timeout'), current_setting('statement_timeout'),
+  current_setting('work_mem'), current_setting('default_transaction_read_only'),
+  current_setting('transaction_read_only'), current_setting('search_path'),
+  coalesce(current_setting('cleveragents_model.flag', true), ''),
+  current_setting('DateStyle'),
+  current_setting('TimeZone'), current_setting('client_min_messages'),
+  (SELECT string_agg(relname, ', ' ORDER BY relname) FROM pg_class
+     WHERE relnamespace = pg_my_temp_schema()),
+  (SELECT string_agg(name, ', ' ORDER BY name) FROM pg_prepared_statements
+     WHERE name NOT LIKE '\\_pg3\\_%'),
+  (SELECT string_agg(name, ', ' ORDER BY name) FROM pg_cursors WHERE name <> ''),
+  (SELECT string_agg(c, ', ' ORDER BY c) FROM pg_listening_channels() AS c)
+"""
+
+
+def pg_fingerprint(conn: Any, schema: str) -> tuple[Any, ...]:
+    """What a plan finds in a PostgreSQL session: settings, TEMP objects, session objects.
+
+    A custom setting once set (even with SET LOCAL) stays defined in the session
+    as '' after its transaction: '' and unset are the same here.
+    """
+    row = conn.execute(_PG_FINGERPRINT).fetchone()
+    # The two copies live in two schemas: the search_path differs by that name only.
+    return tuple(
+        value.replace(schema, "<schema>") if isinstance(value, str) else value for value in row
+    )
 
 
 def _upper(value: Any) -> str:
@@ -875,6 +965,9 @@ class PostgreSQLReference:
         # Whatever way the tool sent the SQL, the reference just runs it.
         cursor = conn.execute(act.text)
         return cursor.fetchall() if cursor.description is not None else []
+
+    def fingerprint(self, conn: Any) -> Any:
+        return pg_fingerprint(conn, self.schema)
 
     def close(self, conn: Any) -> None:
         conn.close()

@@ -348,6 +348,14 @@ def build_machine(pg_dsn: str | None, families: frozenset[str]) -> type[RuleBase
         def rollback_plan(self, plan: str) -> None:
             self._rollback(plan)
 
+        @rule(db=sqlite_dbs, k=st.integers(1, 4))
+        def outside_write(self, db: str, k: int) -> None:
+            """Another program commits a row to the file while no plan holds it."""
+            if any(db in plan.leases or db in plan.held for plan in self.plans.values()):
+                return  # it would wait for the plan's write lock
+            for copy in (self.dbs[db].view, self.dbs[db].reference):
+                copy.write_outside(f"INSERT OR REPLACE INTO items (k, v) VALUES ({k}, 'out')")
+
         # -- invariants ----------------------------------------------------------------
 
         @invariant()
@@ -502,6 +510,32 @@ def build_machine(pg_dsn: str | None, families: frozenset[str]) -> type[RuleBase
                 lease = plan.leases[db.name] = RefLease(conn)
             return lease
 
+        def _is_new(self, plan_id: str, db: Database) -> bool:
+            plan = self.plans.get(plan_id)
+            return plan is None or db.name not in plan.leases
+
+        def _check_fingerprint(self, step: str, plan_id: str, db: Database) -> None:
+            """A plan's new connection carries nothing of the plans that used it before.
+
+            Read through the connection the handler lends (settings, TEMP objects,
+            Python-side state) and compared with a fresh connection by hand.
+            """
+            plan = self.plans.get(plan_id)
+            lease = plan.leases.get(db.name) if plan is not None else None
+            if plan is None or plan.poisoned or lease is None:
+                return
+            if db.reference.aborted(lease.conn):
+                return  # PostgreSQL answers nothing until rollback_to
+            assert self.handler is not None
+            with self.handler.connection(db.resource, plan_id) as conn:
+                mine = attempt(lambda: db.view.fingerprint(conn))
+            theirs = attempt(lambda: db.reference.fingerprint(lease.conn))
+            same = (mine.rows, type(mine.exc)) == (theirs.rows, type(theirs.exc))
+            assert same, (
+                f"{step}: the plan's new connection is not like a fresh one: through the "
+                f"handler it {mine}; on a fresh connection by hand it {theirs}"
+            )
+
         def _drop_lease(self, plan_id: str, db: Database) -> None:
             plan = self.plans[plan_id]
             lease = plan.leases.pop(db.name)
@@ -551,6 +585,7 @@ def build_machine(pg_dsn: str | None, families: frozenset[str]) -> type[RuleBase
             got = attempt(lambda: handler.execute(db.resource, plan_id, sql.text, sql.bound()))
             if not self._entered(step, expected, got, db):
                 return
+            new = self._is_new(plan_id, db)
             lease = self._lease(plan_id, db)
             run = lambda: db.reference.run(lease.conn, sql)  # noqa: E731
             if sql.family is None:
@@ -558,6 +593,8 @@ def build_machine(pg_dsn: str | None, families: frozenset[str]) -> type[RuleBase
                 self._still_in_transaction(step, db, lease)
             else:
                 self._hostile(step, plan_id, db, lease, got, sql.txn, run, "execute")
+            if new:
+                self._check_fingerprint(step, plan_id, db)
 
         def _block(self, plan_id: str, db: Database, acts: tuple[Act, ...]) -> None:
             assert self.handler is not None
@@ -581,6 +618,21 @@ def build_machine(pg_dsn: str | None, families: frozenset[str]) -> type[RuleBase
                     raise AssertionError(f"{step}: entering the block {Outcome(exc=exc)}")
                 return
             assert ENTERED in expected, f"{step}: expected {expected}, but the block was entered"
+            new = self._is_new(plan_id, db)
+            self._judge_block(step, plan_id, db, acts, results, exc)
+            if new:
+                self._check_fingerprint(step, plan_id, db)
+
+        def _judge_block(
+            self,
+            step: str,
+            plan_id: str,
+            db: Database,
+            acts: tuple[Act, ...],
+            results: list[Any],
+            exc: BaseException | None,
+        ) -> None:
+            """Compare what a block's acts did with the engine by hand, act by act."""
             lease = self._lease(plan_id, db)
             for index, act in enumerate(acts):
                 got = Outcome(rows=results[index]) if index < len(results) else Outcome(exc=exc)
@@ -630,8 +682,8 @@ def build_machine(pg_dsn: str | None, families: frozenset[str]) -> type[RuleBase
                 self._compare(probe_step, probe, reference_probe, db, "execute")
                 return
             assert not txn, (
-                f"{step}: the handler {got} and the plan went on ({probe}): a statement that "
-                "ends the plan's transaction or changes its savepoints was neither refused nor "
+                f"{step}: the handler {got}, and the plan's next call {probe}: this ends the "
+                "plan's transaction or changes its savepoints, yet it was neither refused nor "
                 "did it poison the plan"
             )
             event(f"{db.engine}: hostile, ran")
@@ -664,8 +716,7 @@ def build_machine(pg_dsn: str | None, families: frozenset[str]) -> type[RuleBase
             got = attempt(lambda: handler.create_checkpoint(db.resource, plan_id, label))
             if not self._entered(step, expected, got, db):
                 return
-            plan = self.plans.get(plan_id)
-            existed = plan is not None and db.name in plan.leases
+            existed = not self._is_new(plan_id, db)
             lease = self._lease(plan_id, db)
             if label in lease.checkpoints:
                 event("create_checkpoint: label taken")
@@ -684,6 +735,8 @@ def build_machine(pg_dsn: str | None, families: frozenset[str]) -> type[RuleBase
             assert got.exc is None, f"{step}: the handler {got}, the engine by hand took it"
             lease.checkpoints[label] = name
             event("create_checkpoint: taken")
+            if not existed:
+                self._check_fingerprint(step, plan_id, db)
             result = got.rows
             assert (result.plan_id, result.checkpoint_id, result.resource, result.depth) == (
                 plan_id,
