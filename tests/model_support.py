@@ -631,11 +631,21 @@ def block_actions(
     hostile_sql: dict[str, list[st.SearchStrategy[Sql]]],
     hostile_acts: dict[str, list[st.SearchStrategy[Act]]],
     enabled: frozenset[str],
+    *,
+    only_hostile: bool = False,
 ) -> st.SearchStrategy[tuple[Act, ...]]:
-    """What a tool does in one connection() block: 1-3 statements, maybe one hostile act last."""
+    """What a tool does in one connection() block: 1-3 statements, maybe one hostile act last.
+
+    With *only_hostile*, the last act is always hostile (an empty strategy when no
+    enabled family has one).
+    """
     plain = st.one_of(without_params(ordinary)).map(as_act)
     hostile = [strategy.map(as_act) for name in enabled for strategy in hostile_sql.get(name, [])]
     hostile += [strategy for name in enabled for strategy in hostile_acts.get(name, [])]
+    if only_hostile:
+        if not hostile:
+            return st.nothing()
+        return st.tuples(st.lists(plain, max_size=1), st.one_of(hostile)).map(_join)
     tail = st.one_of(plain, st.one_of(hostile)) if hostile else plain
     return st.tuples(st.lists(plain, max_size=2), tail).map(_join)
 
@@ -728,8 +738,8 @@ class SQLiteReference:
     def act(self, conn: Any, act: Act) -> list[Any]:
         return run_sqlite_act(conn, act, kept=None)
 
-    def fingerprint(self, conn: Any) -> Any:
-        return sqlite_fingerprint(conn)
+    def fingerprint(self, conn: Any, *, lent: bool = False) -> Any:
+        return sqlite_fingerprint(conn, lent=lent)
 
     def close(self, conn: Any) -> None:
         conn.close()
@@ -807,17 +817,34 @@ _SQLITE_BEHAVIOUR = (
 )
 
 
-def sqlite_fingerprint(conn: Any) -> dict[str, Any]:
-    """What a plan finds on an SQLite connection: Python-side state, settings, TEMP objects."""
+def sqlite_fingerprint(conn: Any, *, lent: bool) -> dict[str, Any]:
+    """What a plan finds on an SQLite connection: Python-side state, settings, TEMP objects.
+
+    On a connection the handler *lent*, also whether its guard still refuses a
+    SAVEPOINT (plan SQL may not touch savepoints): a tool's ``set_authorizer()``
+    must not outlive its plan. A plain connection has no guard; the model expects
+    the handler's answer, "refused".
+    """
     found: dict[str, Any] = {
         "row_factory": conn.row_factory,
         "text_factory": conn.text_factory,
         "isolation_level": conn.isolation_level,
+        "guard": _guard(conn) if lent else "refused",
     }
     for name in _SQLITE_SETTINGS:
         found[name] = [tuple(row) for row in conn.execute(f"PRAGMA {name}").fetchall()]
     found["behaviour"] = [tuple(row) for row in conn.execute(_SQLITE_BEHAVIOUR).fetchall()]
     return found
+
+
+def _guard(conn: Any) -> str:
+    """Whether the lent connection refuses a SAVEPOINT (harmless when it does not: released)."""
+    try:
+        conn.execute('SAVEPOINT "model_guard"')
+    except sqlite3.DatabaseError:
+        return "refused"
+    conn.execute('RELEASE "model_guard"')
+    return "ran"
 
 
 _PG_FINGERPRINT = """
@@ -966,7 +993,7 @@ class PostgreSQLReference:
         cursor = conn.execute(act.text)
         return cursor.fetchall() if cursor.description is not None else []
 
-    def fingerprint(self, conn: Any) -> Any:
+    def fingerprint(self, conn: Any, *, lent: bool = False) -> Any:
         return pg_fingerprint(conn, self.schema)
 
     def close(self, conn: Any) -> None:

@@ -231,6 +231,12 @@ def build_machine(pg_dsn: str | None, families: frozenset[str]) -> type[RuleBase
     sqlite_block = block_actions(sqlite_ordinary(), sqlite_hostile(), sqlite_actions(), families)
     pg_sql = statements(pg_ordinary(), pg_hostile(), families)
     pg_block = block_actions(pg_ordinary(), pg_hostile(), pg_actions(), families)
+    sqlite_episode = block_actions(
+        sqlite_ordinary(), sqlite_hostile(), sqlite_actions(), families, only_hostile=True
+    )
+    pg_episode = block_actions(
+        pg_ordinary(), pg_hostile(), pg_actions(), families, only_hostile=True
+    )
     plans = st.sampled_from(WEIGHTED_PLANS)
     sqlite_dbs = st.sampled_from(("a", "a", "b") if len(sqlite_names) > 1 else sqlite_names)
     labels = st.sampled_from(LABELS)
@@ -323,6 +329,16 @@ def build_machine(pg_dsn: str | None, families: frozenset[str]) -> type[RuleBase
             @rule(plan=plans, acts=pg_block)
             def connection_pg(self, plan: str, acts: tuple[Act, ...]) -> None:
                 self._block(plan, self.dbs["pg"], acts)
+
+        @rule(db=sqlite_dbs, acts=sqlite_episode, release=st.booleans())
+        def hostile_episode_sqlite(self, db: str, acts: tuple[Act, ...], release: bool) -> None:
+            self._episode(self.dbs[db], acts, release)
+
+        if pg_names:
+
+            @rule(acts=pg_episode, release=st.booleans())
+            def hostile_episode_pg(self, acts: tuple[Act, ...], release: bool) -> None:
+                self._episode(self.dbs["pg"], acts, release)
 
         @rule(plan=plans, db=st.sampled_from(all_names), label=labels)
         def create_checkpoint(self, plan: str, db: str, label: str) -> None:
@@ -528,12 +544,12 @@ def build_machine(pg_dsn: str | None, families: frozenset[str]) -> type[RuleBase
                 return  # PostgreSQL answers nothing until rollback_to
             assert self.handler is not None
             with self.handler.connection(db.resource, plan_id) as conn:
-                mine = attempt(lambda: db.view.fingerprint(conn))
+                mine = attempt(lambda: db.view.fingerprint(conn, lent=True))
             theirs = attempt(lambda: db.reference.fingerprint(lease.conn))
             same = (mine.rows, type(mine.exc)) == (theirs.rows, type(theirs.exc))
             assert same, (
-                f"{step}: the plan's new connection is not like a fresh one: through the "
-                f"handler it {mine}; on a fresh connection by hand it {theirs}"
+                f"after {step}: the plan's connection (new in this step) is not like a fresh "
+                f"one: through the handler it {mine}; on a fresh connection by hand it {theirs}"
             )
 
         def _drop_lease(self, plan_id: str, db: Database) -> None:
@@ -654,6 +670,25 @@ def build_machine(pg_dsn: str | None, families: frozenset[str]) -> type[RuleBase
                 self._still_in_transaction(act_step, db, lease)
                 if ref.exc is not None:
                     return
+
+        def _episode(self, db: Database, acts: tuple[Act, ...], release: bool) -> None:
+            """A plan does something hostile, ends; the next plan on that database looks around.
+
+            The same steps as the rules, in an order that finds what a plan leaves
+            on a pooled connection: the second plan gets the connection the first
+            gave back, and its new lease's fingerprint must be a fresh one's.
+            """
+            free = [plan_id for plan_id in PLANS if plan_id not in self.plans]
+            held = any(db.name in p.leases or db.name in p.held for p in self.plans.values())
+            if len(free) < 2 or (held and db.engine == "sqlite"):
+                return
+            first, second = free[:2]
+            self._block(first, db, acts)
+            if release:
+                self._release(first)
+            else:
+                self._rollback(first)
+            self._execute(second, db, Sql("SELECT 1"))
 
         def _hostile(
             self,
