@@ -847,33 +847,40 @@ def _guard(conn: Any) -> str:
     return "ran"
 
 
-_PG_FINGERPRINT = """
-SELECT current_setting('lock_timeout'), current_setting('statement_timeout'),
-  current_setting('work_mem'), current_setting('default_transaction_read_only'),
-  current_setting('transaction_read_only'), current_setting('search_path'),
-  coalesce(current_setting('cleveragents_model.flag', true), ''),
-  current_setting('DateStyle'),
-  current_setting('TimeZone'), current_setting('client_min_messages'),
-  (SELECT string_agg(relname, ', ' ORDER BY relname) FROM pg_class
-     WHERE relnamespace = pg_my_temp_schema()),
-  (SELECT string_agg(name, ', ' ORDER BY name) FROM pg_prepared_statements
-     WHERE name NOT LIKE '\\_pg3\\_%'),
-  (SELECT string_agg(name, ', ' ORDER BY name) FROM pg_cursors WHERE name <> ''),
-  (SELECT string_agg(c, ', ' ORDER BY c) FROM pg_listening_channels() AS c)
-"""
+_PG_FINGERPRINT = {
+    "lock_timeout": "current_setting('lock_timeout')",
+    "statement_timeout": "current_setting('statement_timeout')",
+    "work_mem": "current_setting('work_mem')",
+    "default_transaction_read_only": "current_setting('default_transaction_read_only')",
+    "transaction_read_only": "current_setting('transaction_read_only')",
+    "search_path": "current_setting('search_path')",
+    "cleveragents_model.flag": "coalesce(current_setting('cleveragents_model.flag', true), '')",
+    "DateStyle": "current_setting('DateStyle')",
+    "TimeZone": "current_setting('TimeZone')",
+    "client_min_messages": "current_setting('client_min_messages')",
+    "temp objects": "(SELECT string_agg(relname, ', ' ORDER BY relname) FROM pg_class "
+    "WHERE relnamespace = pg_my_temp_schema())",
+    # psycopg prepares statements of its own (_pg3_N); the unnamed portal is the protocol's.
+    "prepared statements": "(SELECT string_agg(name, ', ' ORDER BY name) "
+    "FROM pg_prepared_statements WHERE name NOT LIKE '\\_pg3\\_%')",
+    "cursors": "(SELECT string_agg(name, ', ' ORDER BY name) FROM pg_cursors WHERE name <> '')",
+    "listening": "(SELECT string_agg(c, ', ' ORDER BY c) FROM pg_listening_channels() AS c)",
+}
+_PG_FINGERPRINT_SQL = "SELECT " + ", ".join(_PG_FINGERPRINT.values())
 
 
-def pg_fingerprint(conn: Any, schema: str) -> tuple[Any, ...]:
+def pg_fingerprint(conn: Any, schema: str) -> dict[str, Any]:
     """What a plan finds in a PostgreSQL session: settings, TEMP objects, session objects.
 
     A custom setting once set (even with SET LOCAL) stays defined in the session
     as '' after its transaction: '' and unset are the same here.
     """
-    row = conn.execute(_PG_FINGERPRINT).fetchone()
+    row = conn.execute(_PG_FINGERPRINT_SQL).fetchone()
     # The two copies live in two schemas: the search_path differs by that name only.
-    return tuple(
-        value.replace(schema, "<schema>") if isinstance(value, str) else value for value in row
-    )
+    return {
+        name: value.replace(schema, "<schema>") if isinstance(value, str) else value
+        for name, value in zip(_PG_FINGERPRINT, row, strict=True)
+    }
 
 
 def _upper(value: Any) -> str:

@@ -546,10 +546,20 @@ def build_machine(pg_dsn: str | None, families: frozenset[str]) -> type[RuleBase
             with self.handler.connection(db.resource, plan_id) as conn:
                 mine = attempt(lambda: db.view.fingerprint(conn, lent=True))
             theirs = attempt(lambda: db.reference.fingerprint(lease.conn))
-            same = (mine.rows, type(mine.exc)) == (theirs.rows, type(theirs.exc))
-            assert same, (
+            if mine.exc is not None or theirs.exc is not None:
+                assert type(mine.exc) is type(theirs.exc), (
+                    f"after {step}: reading the plan's connection (new in this step): through "
+                    f"the handler it {mine}; on a fresh connection by hand it {theirs}"
+                )
+                return
+            differ = {
+                key: (value, theirs.rows.get(key))
+                for key, value in mine.rows.items()
+                if value != theirs.rows.get(key)
+            }
+            assert not differ, (
                 f"after {step}: the plan's connection (new in this step) is not like a fresh "
-                f"one: through the handler it {mine}; on a fresh connection by hand it {theirs}"
+                f"one; (through the handler, fresh by hand): {differ}"
             )
 
         def _drop_lease(self, plan_id: str, db: Database) -> None:
