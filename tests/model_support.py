@@ -21,7 +21,7 @@ import re
 import shutil
 import sqlite3
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from hypothesis import strategies as st
@@ -887,35 +887,41 @@ def _upper(value: Any) -> str:
     return "pwned"
 
 
+def _keep_cursor(conn: Any, act: Act, kept: list[Any] | None) -> None:
+    if kept is not None:  # the reference keeps nothing past the block
+        cursor = conn.execute(act.text)
+        cursor.fetchone()
+        kept.append(cursor)
+
+
+def _set_authorizer(conn: Any, act: Act, kept: list[Any] | None) -> None:
+    conn.set_authorizer(None if act.text == "None" else (lambda *args: sqlite3.SQLITE_OK))
+
+
+def _set(attribute: str, value: Any) -> Callable[[Any, Act, list[Any] | None], None]:
+    return lambda conn, act, kept: setattr(conn, attribute, value)
+
+
+#: What each hostile act does to an SQLite connection (the lent one, or the reference's).
+_SQLITE_ACTS: dict[str, Callable[[Any, Act, list[Any] | None], Any]] = {
+    "row_factory": _set("row_factory", sqlite3.Row),
+    "text_factory": _set("text_factory", bytes),
+    "isolation_level": _set("isolation_level", None),
+    "create_function": lambda conn, act, kept: conn.create_function(
+        "upper", 1, _upper, deterministic=True
+    ),
+    "set_authorizer": _set_authorizer,
+    "executescript": lambda conn, act, kept: conn.executescript(act.text),
+    "keep_cursor": _keep_cursor,
+    "close": lambda conn, act, kept: conn.close(),
+}
+
+
 def run_sqlite_act(conn: Any, act: Act, kept: list[Any] | None) -> list[Any]:
     """Do *act* on an SQLite connection (the handler's lent one, or the reference's)."""
-    kind = act.kind
-    if kind == "sql":
+    if act.kind == "sql":
         return list(conn.execute(act.text).fetchall())
-    if kind == "row_factory":
-        conn.row_factory = sqlite3.Row
-    elif kind == "text_factory":
-        conn.text_factory = bytes
-    elif kind == "create_function":
-        conn.create_function("upper", 1, _upper, deterministic=True)
-    elif kind == "set_authorizer":
-        if act.text == "None":
-            conn.set_authorizer(None)
-        else:
-            conn.set_authorizer(lambda *args: sqlite3.SQLITE_OK)
-    elif kind == "isolation_level":
-        conn.isolation_level = None
-    elif kind == "executescript":
-        conn.executescript(act.text)
-    elif kind == "keep_cursor":
-        if kept is not None:  # the reference keeps nothing past the block
-            cursor = conn.execute(act.text)
-            cursor.fetchone()
-            kept.append(cursor)
-    elif kind == "close":
-        conn.close()
-    else:
-        raise AssertionError(f"unknown act {act!r}")
+    _SQLITE_ACTS[act.kind](conn, act, kept)
     return []
 
 
