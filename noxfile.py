@@ -44,7 +44,7 @@ LINT_PATHS = (
 )
 RUNNERS = ("tests", "bdd", "robot")
 # Every optional extra, so the code behind each is type-checked and tested.
-PACKAGE = ".[postgresql,agents,plot]"
+PACKAGE = ".[postgresql,agents,langgraph,plot,otel]"
 PG_VARIABLE = "CLEVERAGENTS_TEST_PG_DSN"
 PG_SERVER = ROOT / "scripts" / "pg-test-server"
 
@@ -122,12 +122,20 @@ def _run_under_coverage(session: nox.Session, runner: str, *args: str) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """Check style with ruff: lint rules and formatting."""
+    """Check style with ruff (rules and formatting) and the import layers with import-linter."""
     session.install(*_group("lint"))
     paths = [path for path in LINT_PATHS if (ROOT / path).exists()]
     cache = f"--cache-dir={BUILD / 'ruff-cache'}"
     session.run("ruff", "check", cache, *paths, *session.posargs)
     session.run("ruff", "format", cache, "--check", *paths)
+    # The contracts are in pyproject's [tool.importlinter]. Grimp only reads
+    # the source, so src/ on the path is enough; nothing is installed or imported.
+    session.run(
+        "lint-imports",
+        "--no-logo",
+        f"--cache-dir={BUILD / 'import-linter-cache'}",
+        env={"PYTHONPATH": str(ROOT / "src")},
+    )
 
 
 @nox.session

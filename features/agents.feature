@@ -68,6 +68,27 @@ Feature: An agent run is one plan (OpenAI Agents SDK)
     And the agent plan was rolled back because "max turns exceeded"
     And "inventory.db" has no items
 
+  Scenario: A final answer an output guardrail rejects commits nothing, even when caught
+    Given the scripted model plays:
+      | turn | does                            |
+      | 1    | add_item apple                  |
+      | 2    | answers "the secret code is 42" |
+    And the agent's final answers must not mention "secret"
+    When the agent runs and the block catches what the run raises
+    Then the block caught OutputGuardrailTripwireTriggered
+    And the agent plan was rolled back because "OutputGuardrailTripwireTriggered"
+    And "inventory.db" has no items
+
+  Scenario: A final answer the output guardrail accepts is committed
+    Given the scripted model plays:
+      | turn | does                  |
+      | 1    | add_item apple        |
+      | 2    | answers "restocked"   |
+    And the agent's final answers must not mention "secret"
+    When the agent runs
+    Then the agent plan was released
+    And "inventory.db" has the items "apple"
+
   Scenario: A model error rolls everything back
     Given the scripted model plays:
       | turn | does                         |

@@ -34,6 +34,42 @@ Feature: Bad plan input is refused before anything runs
     And stdout is empty
     And no file was created in the scenario's folder but the plans
 
+  Scenario: Two plans of one run with the same id are refused, none is run
+    Given the plan file "first.yaml":
+      """
+      id: restock
+      resources:
+        inventory: {kind: database, engine: sqlite, location: inventory.db}
+      steps:
+        - id: schema
+          resource: inventory
+          sql: CREATE TABLE items (sku TEXT)
+      """
+    And the plan file "second.yaml":
+      """
+      description: the same id, further down
+      id: restock
+      resources:
+        inventory: {kind: database, engine: sqlite, location: other.db}
+      steps:
+        - id: schema
+          resource: inventory
+          sql: CREATE TABLE items (sku TEXT)
+      """
+    When the operator runs "cleveragents run --parallel 2 first.yaml second.yaml"
+    Then the exit status is 2
+    And stderr has the line "second.yaml:2: id: plan id 'restock' is also the id of first.yaml:1; plans run together need different ids"
+    And stderr has 1 lines
+    And stdout is empty
+    And there is no traceback
+    And no file was created in the scenario's folder but the plans
+    When the operator runs "cleveragents run first.yaml second.yaml"
+    Then the exit status is 2
+    And stderr has 1 lines
+    And no file was created in the scenario's folder but the plans
+    When the operator runs "cleveragents validate first.yaml second.yaml"
+    Then the exit status is 0
+
   Scenario: A YAML syntax error
     Given the plan file "bad.yaml":
       """
@@ -217,7 +253,7 @@ Feature: Bad plan input is refused before anything runs
     And stderr has a line starting with "no-folder.yaml:2: resources.inventory.location: folder "
     And stderr mentions "cellar' does not exist"
     And stderr has the line "folder.yaml:2: resources.inventory.location: 'shelf.db' is a folder, not a database file"
-    And stderr has a line starting with "control.yaml:1: id: must be 1 to 200 printable characters"
+    And stderr has a line starting with "control.yaml:1: id: must be 1 to 256 printable characters"
     And stderr has 3 lines
 
   Scenario: An empty file, and a file that is not a mapping

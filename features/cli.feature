@@ -67,16 +67,72 @@ Feature: The cleveragents command
     And every JSON line has the fields "plan, status, failed_step, error, steps"
     And every step in the JSON output has the fields "id, status, attempts, duration_ms"
     And the JSON line of plan "restock" has "status" equal to "completed"
+    And the JSON line of plan "restock" has "outcome" equal to "committed"
+    And the JSON line of plan "restock" has "committed" equal to ["inventory"]
     And the JSON line of plan "restock" has "failed_step" equal to null
     And the JSON line of plan "restock" has "error" equal to null
     And in the JSON line of plan "restock", step "seed" has "attempts" equal to 1
     And the JSON line of plan "sell" has "status" equal to "failed"
+    And the JSON line of plan "sell" has "outcome" equal to "rolled_back"
+    And the JSON line of plan "sell" has "committed" equal to []
     And the JSON line of plan "sell" has "failed_step" equal to "oversell"
     And the JSON line of plan "sell" has an error mentioning "expected 5"
     And in the JSON line of plan "sell", step "oversell" has "status" equal to "failed"
     And in the JSON line of plan "sell", step "log" has "status" equal to "not run"
     And in the JSON line of plan "sell", step "log" has "attempts" equal to 0
     And "inventory.db" has the items "apple, pear"
+
+  Scenario: A commit that fails after another database's succeeded is reported as a partial commit
+    Given a database "orders.db" with an empty items table
+    And the plan file "split.yaml":
+      """
+      id: split
+      resources:
+        orders: {kind: database, engine: sqlite, location: orders.db}
+        inventory: {kind: database, engine: sqlite, location: inventory.db}
+      steps:
+        - id: order
+          resource: orders
+          sql: INSERT OR IGNORE INTO items (sku) VALUES ('plum')
+        - id: schema
+          resource: inventory
+          sql: >-
+            CREATE TABLE items (sku TEXT PRIMARY KEY,
+            parent TEXT REFERENCES items (sku) DEFERRABLE INITIALLY DEFERRED)
+        - id: orphan
+          resource: inventory
+          sql: INSERT INTO items VALUES ('plum', 'no-such-parent')
+      """
+    When the operator runs "cleveragents run split.yaml"
+    Then the exit status is 1
+    And stdout mentions "plan split: failed (partial commit: committed orders)"
+    And stdout does not mention "rolled back)"
+    And there is no traceback
+    And "orders.db" has the items "plum"
+    And "inventory.db" has no table "items"
+    When the operator runs "cleveragents run --json split.yaml"
+    Then the exit status is 1
+    And the JSON line of plan "split" has "status" equal to "failed"
+    And the JSON line of plan "split" has "outcome" equal to "partial_commit"
+    And the JSON line of plan "split" has "committed" equal to ["orders"]
+    And the JSON line of plan "split" has an error mentioning "['orders'] were committed"
+
+  Scenario: Plan and step ids are printed as written, never read as markup
+    Given the plan file "markup.yaml":
+      """
+      id: "[/bold]plan"
+      resources:
+        inventory: {kind: database, engine: sqlite, location: inventory.db}
+      steps:
+        - id: "[red]step"
+          resource: inventory
+          sql: SELECT 1
+      """
+    When the operator runs "cleveragents run markup.yaml"
+    Then the exit status is 0
+    And stdout mentions "plan [/bold]plan: completed (committed)"
+    And stdout mentions "[red]step"
+    And there is no traceback
 
   Scenario: Handler settings on the command line are checked
     When the operator runs "cleveragents run --checkpoint-ttl soon restock.yaml"

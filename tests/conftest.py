@@ -10,13 +10,9 @@ from typing import Any
 
 import pytest
 
+from cleveragents.fds import count_fds
 from cleveragents.resource import Resource
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
-
-
-def open_fds() -> int:
-    """Return how many file descriptors this process has open (from /proc/self/fd)."""
-    return len(os.listdir("/proc/self/fd"))
 
 
 def fds_to(path: str | os.PathLike[str]) -> int:
@@ -54,8 +50,8 @@ def make_table(path: str | os.PathLike[str], ddl: str = "CREATE TABLE t (v TEXT)
 
 @pytest.fixture
 def fd_count() -> Callable[[], int]:
-    """Return :func:`open_fds`, to count this process's open descriptors."""
-    return open_fds
+    """Return :func:`cleveragents.fds.count_fds`, to count this process's open descriptors."""
+    return count_fds
 
 
 @pytest.fixture

@@ -7,9 +7,11 @@ check on rows goes through a separate sqlite3 connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import logging
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -21,30 +23,37 @@ import pytest
 from agents import (
     Agent,
     FunctionTool,
+    GuardrailFunctionOutput,
     MaxTurnsExceeded,
+    OutputGuardrailTripwireTriggered,
     RunConfig,
     RunContextWrapper,
     RunHooks,
     Runner,
     function_tool,
+    output_guardrail,
     set_tracing_disabled,
 )
 from agents.run_config import CallModelData, ModelInputData
 from agents.testing import ModelStep, ScriptedModel, assistant_message, function_call
 from agents.tool import default_tool_error_function
 from agents.tool_context import ToolContext
-from conftest import make_table, open_fds, query
+from conftest import make_table, query
 
 from cleveragents.errors import (
     CheckpointEvictedError,
     CheckpointExpiredError,
     CleverAgentsError,
+    PartialCommitError,
+    PlanError,
     ResourceBusyError,
     ToolError,
 )
+from cleveragents.fds import count_fds
 from cleveragents.integrations.openai_agents import AgentPlan, ToolRollback, plan_tool
 from cleveragents.resource import Resource
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
+from cleveragents.resource.handlers.sqlite import SQLiteEngine
 
 set_tracing_disabled(True)  # no trace export, ever
 
@@ -73,6 +82,12 @@ async def add_item_async(ctx: RunContextWrapper[AgentPlan], sku: str) -> str:
         conn.execute("INSERT INTO items (sku) VALUES (?)", (sku,))
     await asyncio.sleep(0)
     return f"added {sku}"
+
+
+@output_guardrail
+async def no_secrets(ctx: Any, agent: Any, output: Any) -> GuardrailFunctionOutput:
+    """Reject a final output that mentions a secret."""
+    return GuardrailFunctionOutput(output_info=None, tripwire_triggered="secret" in str(output))
 
 
 def refused(errors: list[BaseException]) -> Callable[[Any, Exception], str]:
@@ -761,6 +776,265 @@ def test_a_handoff_keeps_one_plan(
     assert items(inventory_path) == ["apple", "pear"]
 
 
+# -- output guardrails: a rejected final output commits nothing --------------------------------
+
+
+def guarded_agent(text: str) -> Agent[Any]:
+    """Return an agent that adds an apple, then answers *text*, under the no-secrets guardrail."""
+    agent, _ = agent_with(
+        [[call("add_item", "c1", sku="apple")], answer(text)],
+        add_item,
+        output_guardrails=[no_secrets],
+    )
+    return agent
+
+
+@pytest.mark.parametrize("caught", [True, False], ids=["caught in the block", "raised"])
+def test_a_final_output_an_output_guardrail_rejects_rolls_back(
+    handler: DatabaseResourceHandler, inventory: Resource, inventory_path: Path, caught: bool
+) -> None:
+    async def scenario() -> tuple[AgentPlan, BaseException | None]:
+        plan = AgentPlan(handler, [inventory])
+        try:
+            async with plan:
+                try:
+                    await plan.run(guarded_agent("the secret is 42"), "restock")
+                except OutputGuardrailTripwireTriggered:
+                    if not caught:
+                        raise
+        except OutputGuardrailTripwireTriggered as exc:
+            return plan, exc
+        return plan, None
+
+    plan, raised = asyncio.run(scenario())
+    assert (raised is None) is caught
+    assert plan.outcome == "rolled_back"
+    assert "OutputGuardrailTripwireTriggered" in (plan.rollback_reason or "")
+    assert items(inventory_path) == []
+
+
+def test_a_final_output_the_output_guardrail_accepts_commits(
+    handler: DatabaseResourceHandler, inventory: Resource, inventory_path: Path
+) -> None:
+    async def scenario() -> AgentPlan:
+        async with AgentPlan(handler, [inventory]) as plan:
+            await plan.run(guarded_agent("all restocked"), "restock")
+        return plan
+
+    plan = asyncio.run(scenario())
+    assert plan.outcome == "released"
+    assert items(inventory_path) == ["apple"]
+
+
+@pytest.mark.parametrize("text", ["the secret is 42", "all restocked"])
+def test_a_streamed_run_is_released_only_if_its_output_passed_the_guardrails(
+    handler: DatabaseResourceHandler, inventory: Resource, inventory_path: Path, text: str
+) -> None:
+    async def scenario() -> AgentPlan:
+        async with AgentPlan(handler, [inventory]) as plan:
+            result = plan.run_streamed(guarded_agent(text), "restock")
+            try:
+                async for _ in result.stream_events():
+                    pass
+            except OutputGuardrailTripwireTriggered:
+                pass  # the caller reports it and carries on
+        return plan
+
+    plan = asyncio.run(scenario())
+    if "secret" in text:
+        assert plan.outcome == "rolled_back"
+        assert "OutputGuardrailTripwireTriggered" in (plan.rollback_reason or "")
+        assert items(inventory_path) == []
+    else:
+        assert plan.outcome == "released"
+        assert items(inventory_path) == ["apple"]
+
+
+@pytest.mark.parametrize("text", ["the secret is 42", "all restocked"])
+def test_a_direct_runner_call_with_output_guardrails_is_never_released(
+    handler: DatabaseResourceHandler, inventory: Resource, inventory_path: Path, text: str
+) -> None:
+    async def scenario() -> AgentPlan:
+        async with AgentPlan(handler, [inventory]) as plan:
+            with contextlib.suppress(OutputGuardrailTripwireTriggered):
+                await Runner.run(
+                    guarded_agent(text),
+                    "restock",
+                    context=plan,
+                    hooks=plan.hooks,
+                    run_config=plan.run_config,
+                )
+        return plan
+
+    plan = asyncio.run(scenario())
+    # The SDK tells the hooks of the final output before its guardrails run, and a
+    # direct call never tells the plan how they went: it cannot commit safely.
+    assert plan.outcome == "rolled_back"
+    assert "plan.run()" in (plan.rollback_reason or "")
+    assert items(inventory_path) == []
+
+
+def test_the_plans_own_hooks_given_to_plan_run_change_nothing(
+    handler: DatabaseResourceHandler, inventory: Resource, inventory_path: Path
+) -> None:
+    async def scenario() -> AgentPlan:
+        async with AgentPlan(handler, [inventory]) as plan:
+            await plan.run(guarded_agent("all restocked"), "restock", hooks=plan.hooks)
+        return plan
+
+    plan = asyncio.run(scenario())
+    assert plan.outcome == "released"
+    assert items(inventory_path) == ["apple"]
+
+
+def test_any_run_that_raises_rolls_back_even_if_the_block_goes_on(
+    handler: DatabaseResourceHandler, inventory: Resource, inventory_path: Path
+) -> None:
+    agent, _ = agent_with([[call("add_item", "c1", sku="apple")], answer()], add_item)
+
+    async def scenario() -> AgentPlan:
+        async with AgentPlan(handler, [inventory]) as plan:
+            await plan.run(agent, "restock")
+            failing, _ = agent_with([RuntimeError("model down")])
+            with pytest.raises(RuntimeError, match="model down"):
+                await plan.run(failing, "check")
+        return plan
+
+    plan = asyncio.run(scenario())
+    assert plan.outcome == "rolled_back"
+    assert plan.rollback_reason == "a run raised RuntimeError: model down"
+    assert items(inventory_path) == []
+
+
+# -- what became of the work -------------------------------------------------------------------
+
+
+def test_a_commit_failing_on_the_second_database_is_reported_as_a_partial_commit(
+    handler: DatabaseResourceHandler,
+    inventory: Resource,
+    inventory_path: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    orders_path = tmp_path / "orders.db"
+    make_table(orders_path, "CREATE TABLE items (sku TEXT PRIMARY KEY)")
+    orders = Resource(name="orders", kind="database", engine="sqlite", location=str(orders_path))
+
+    @plan_tool
+    def order(ctx: RunContextWrapper[AgentPlan], sku: str) -> str:
+        """Add an item to the stock and to the orders."""
+        for name in ("inventory", "orders"):
+            with ctx.context.connection(name) as conn:
+                conn.execute("INSERT INTO items (sku) VALUES (?)", (sku,))
+        return "ordered"
+
+    real_commit = SQLiteEngine.commit
+
+    def commit(engine: SQLiteEngine, conn: Any) -> None:
+        if conn.execute("PRAGMA database_list").fetchone()[2] == str(orders_path):
+            raise sqlite3.OperationalError("disk I/O error")
+        real_commit(engine, conn)
+
+    monkeypatch.setattr(SQLiteEngine, "commit", commit)
+    agent, _ = agent_with([[call("order", "c1", sku="apple")], answer()], order)
+
+    async def scenario() -> tuple[AgentPlan, BaseException | None]:
+        plan = AgentPlan(handler, [inventory, orders])
+        try:
+            async with plan:
+                await plan.run(agent, "order")
+        except PartialCommitError as exc:
+            return plan, exc
+        return plan, None
+
+    plan, raised = asyncio.run(scenario())
+    assert type(raised) is PartialCommitError
+    assert plan.outcome == "partial_commit"
+    assert plan.committed == ("inventory",)
+    assert repr(plan) == f"<AgentPlan {plan.plan_id!r} (partial_commit)>"
+    assert items(inventory_path) == ["apple"]
+    assert query(orders_path, "SELECT sku FROM items") == []
+
+
+def test_a_released_plan_names_the_databases_it_committed(
+    handler: DatabaseResourceHandler, inventory: Resource, tmp_path: Path
+) -> None:
+    unused = Resource(
+        name="unused", kind="database", engine="sqlite", location=str(tmp_path / "unused.db")
+    )
+    agent, _ = agent_with([[call("add_item", "c1", sku="apple")], answer()], add_item)
+    plan, _ = asyncio.run(run_plan(handler, inventory, agent))
+    assert (plan.outcome, plan.committed) == ("released", ("inventory",))
+    quiet, _ = agent_with([answer()])
+
+    async def scenario() -> AgentPlan:
+        async with AgentPlan(handler, [inventory, unused]) as plan:
+            await plan.run(quiet, "nothing to do")
+        return plan
+
+    plan = asyncio.run(scenario())
+    assert (plan.outcome, plan.committed) == ("released", ())
+    failing, _ = agent_with([[call("add_item", "c1", sku="pear")], RuntimeError("down")], add_item)
+    plan, _ = asyncio.run(run_plan(handler, inventory, failing))
+    assert (plan.outcome, plan.committed) == ("rolled_back", ())
+
+
+# -- one plan id, one transaction ------------------------------------------------------------
+
+
+def test_two_agent_plans_with_one_id_are_never_open_at_once(
+    handler: DatabaseResourceHandler, inventory: Resource, inventory_path: Path
+) -> None:
+    agent, _ = agent_with([[call("add_item", "c1", sku="apple")], answer()], add_item)
+
+    async def scenario() -> tuple[AgentPlan, AgentPlan]:
+        first = AgentPlan(handler, [inventory], plan_id="restock")
+        second = AgentPlan(handler, [inventory], plan_id="restock")
+        async with first:
+            await first.run(agent, "restock")
+            with pytest.raises(PlanError) as raised:
+                async with second:
+                    raise AssertionError("the second plan was entered")
+            assert str(raised.value) == (
+                "AgentPlan 'restock': plan_id: another AgentPlan with this id is open on "
+                f"handler {handler.name!r}; plans open at once need different ids "
+                "(leave plan_id out to get a fresh one)"
+            )
+            assert repr(second) == "<AgentPlan 'restock' (new)>"
+        # Once the first has ended, the id is free again.
+        again, _ = agent_with([[call("add_item", "c2", sku="pear")], answer()], add_item)
+        async with second:
+            await second.run(again, "restock")
+        return first, second
+
+    first, second = asyncio.run(scenario())
+    assert (first.outcome, second.outcome) == ("released", "released")
+    assert items(inventory_path) == ["apple", "pear"]
+
+
+def test_agent_plans_on_different_handlers_may_share_an_id(
+    inventory: Resource, inventory_path: Path, tmp_path: Path
+) -> None:
+    other_path = tmp_path / "other.db"
+    make_table(other_path, "CREATE TABLE items (sku TEXT PRIMARY KEY, qty INT NOT NULL DEFAULT 1)")
+    other = Resource(name="inventory", kind="database", engine="sqlite", location=str(other_path))
+    with DatabaseResourceHandler() as first_handler, DatabaseResourceHandler() as second_handler:
+
+        async def scenario() -> None:
+            async with AgentPlan(first_handler, [inventory], plan_id="same") as first:
+                async with AgentPlan(second_handler, [other], plan_id="same") as second:
+                    agent, _ = agent_with(
+                        [[call("add_item", "c1", sku="pear")], answer()], add_item
+                    )
+                    await second.run(agent, "restock")
+                agent, _ = agent_with([[call("add_item", "c1", sku="apple")], answer()], add_item)
+                await first.run(agent, "restock")
+
+        asyncio.run(scenario())
+    assert items(inventory_path) == ["apple"]
+    assert items(other_path) == ["pear"]
+
+
 # -- handler errors poison the plan -------------------------------------------------------------
 
 
@@ -1342,10 +1616,10 @@ def test_file_descriptors_return_to_baseline(tmp_path: Path) -> None:
 
     with DatabaseResourceHandler() as warm_up:
         asyncio.run(runs(warm_up))  # the SDK's imports and caches settle first
-    baseline = open_fds()
+    baseline = count_fds()
     with DatabaseResourceHandler() as handler:
         asyncio.run(runs(handler))
-    assert open_fds() <= baseline
+    assert count_fds() <= baseline
     assert items(path) == [f"ok-{number}" for number in range(5)]
 
 

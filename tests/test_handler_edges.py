@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import signal
 import threading
@@ -13,9 +12,8 @@ from typing import Any
 
 import pytest
 
-from cleveragents.errors import CheckpointEvictedError
 from cleveragents.resource import Resource
-from cleveragents.resource.handlers import database as database_module
+from cleveragents.resource.handlers import _finalize as finalize_module
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
 from cleveragents.resource.handlers.sqlite import SQLiteEngine
 
@@ -68,8 +66,11 @@ def test_a_forgotten_handler_collected_on_its_own_reaper_thread_is_freed(
     try:
         handler = DatabaseResourceHandler()
         handler.create_checkpoint(resource, "p1", "a")
-        reaper = handler._reaper.thread
-        assert reaper is not None
+        (reaper,) = [
+            thread
+            for thread in threading.enumerate()
+            if thread.name == f"cleveragents-reaper[{handler.name}]"
+        ]
         cycle: list[Any] = [handler]
         cycle.append(cycle)  # only the cyclic collector can free it now
         del handler, cycle
@@ -153,64 +154,15 @@ def test_a_reaper_that_fails_to_start_leaves_nothing_half_made(
     handler.close()
 
 
-def test_an_evicted_plan_is_told_even_after_thousands_of_later_endings(
-    make_handler: MakeHandler, db_path: Path, rows: Rows, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(database_module, "_MAX_ENDINGS", 50)
-    handler = make_handler(max_connections=1, on_full="evict_lru")
-    resource = _database(db_path)
-    handler.create_checkpoint(resource, "A", "step 1")
-    handler.execute(resource, "A", "INSERT INTO t VALUES ('A step 1')")
-    for number in range(200):  # each evicts the one before
-        handler.execute(resource, f"other {number}", "SELECT 1")
-
-    with pytest.raises(CheckpointEvictedError):
-        handler.execute(resource, "A", "INSERT INTO t VALUES ('A step 2')")
-    assert rows(db_path, "SELECT count(*) FROM t") == [(0,)]
-    assert len(handler._endings) == 199  # all younger than an hour: none forgotten
-
-    monkeypatch.setattr(database_module, "_ENDINGS_KEPT_FOR", 0.0)
-    handler.execute(resource, "last", "SELECT 1")  # evicts one more, then trims
-    assert len(handler._endings) == 50
-
-
 def test_a_forked_child_keeps_nothing_of_the_handlers_it_inherited(
     db_path: Path, make_handler: MakeHandler
 ) -> None:
     handler = make_handler()
     handler.create_checkpoint(_database(db_path), "p1", "a")
-    before = len(database_module._INHERITED)
+    before = len(finalize_module._INHERITED)
     handler._forget_after_fork()  # what the at-fork hook does in a child
     try:
-        kept = database_module._INHERITED[before:]
+        kept = finalize_module._INHERITED[before:]
         assert kept and all(handler not in entry for entry in kept)
     finally:
-        del database_module._INHERITED[before:]
-
-
-def test_close_inside_a_connection_block_does_not_wait_for_itself(
-    make_handler: MakeHandler, db_path: Path, rows: Rows
-) -> None:
-    handler = make_handler()
-    resource = _database(db_path)
-    releasing: threading.Thread | None = None
-    with handler.connection(resource, "p1") as conn:
-        conn.execute("INSERT INTO t VALUES ('mine')")
-        # Another thread starts releasing the plan: it waits for this block.
-        releasing = threading.Thread(target=lambda: _quietly(handler.release_plan, "p1"))
-        releasing.start()
-        deadline = time.monotonic() + 10
-        while "p1" in handler._plans and time.monotonic() < deadline:
-            time.sleep(0.01)
-        started = time.monotonic()
-        handler.close()  # must not wait for a plan only this block holds up
-        assert time.monotonic() - started < 5
-    releasing.join(10)
-    assert not releasing.is_alive()
-    assert handler.stats().open_connections == 0
-
-
-def _quietly(call: Callable[..., Any], *args: Any) -> None:
-    # What the release gets after close() is not the point here.
-    with contextlib.suppress(Exception):
-        call(*args)
+        del finalize_module._INHERITED[before:]

@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes import FakeHandler
 from pydantic import BaseModel, ConfigDict
 
 from cleveragents.errors import PlanError
 from cleveragents.plan import MAX_PLAN_BYTES, load_plan, plan_json_schema
 from cleveragents.plugins import get_plugin_manager, registries
-from cleveragents.resource import Resource, ResourceHandler
+from cleveragents.resource import Resource
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
 from cleveragents.resource.registry import ResourceRegistry
 
@@ -29,32 +30,11 @@ class _QueueSettings(BaseModel):
     topic: str
 
 
-class _QueueHandler(ResourceHandler):
+class _QueueHandler(FakeHandler):
     """A second resource kind, to check what only a database can do."""
 
     kind = "queue"
-
-    @classmethod
-    def validate_settings(cls, resource: Resource) -> BaseModel:
-        return _QueueSettings.model_validate(dict(resource.options))
-
-    def connection(self, resource: Resource, plan_id: str) -> Any:
-        raise NotImplementedError
-
-    def create_checkpoint(self, resource: Resource, plan_id: str, checkpoint_id: str) -> Any:
-        raise NotImplementedError
-
-    def rollback_to(self, resource: Resource, plan_id: str, checkpoint_id: str) -> None:
-        raise NotImplementedError
-
-    def release_plan(self, plan_id: str) -> None:
-        raise NotImplementedError
-
-    def rollback_plan(self, plan_id: str) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
+    settings_model = _QueueSettings
 
 
 @pytest.fixture
@@ -377,8 +357,8 @@ steps:
         ("{id: a, sql: SELECT 1}", "a step with 'sql' or 'expect' needs 'resource'"),
         ("{id: a, tool: t, params: {x: 1}}", "'params' needs 'sql'"),
         ("{id: a, resource: inv, sql: SELECT 1, with: {x: 1}}", "'with' needs 'tool'"),
-        ('{id: "a\\tb", tool: t}', "must be 1 to 200 printable characters"),
-        ("{id: '', tool: t}", "must be 1 to 200 printable characters"),
+        ('{id: "a\\tb", tool: t}', "must be 1 to 256 printable characters"),
+        ("{id: '', tool: t}", "must be 1 to 256 printable characters"),
     ],
 )
 def test_step_shape_problems(plans: Path, kinds: ResourceRegistry, step: str, message: str) -> None:

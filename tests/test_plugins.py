@@ -11,6 +11,7 @@ from typing import Any
 
 import pluggy
 import pytest
+from fakes import FakeHandler, RecordingSubscriber
 
 from cleveragents.errors import PluginError
 from cleveragents.hookspecs import hookimpl
@@ -22,7 +23,6 @@ from cleveragents.plugins import (
     plugin_source,
     registries,
 )
-from cleveragents.resource import Resource, ResourceHandler
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
 from cleveragents.resource.registry import ResourceRegistry
 from cleveragents.tools import ToolRegistry
@@ -206,49 +206,15 @@ def test_a_second_entry_point_with_a_taken_name_is_skipped(
 # -- registries -------------------------------------------------------------------
 
 
-class _Kind(ResourceHandler):
-    """A resource handler that records the plan events it hears."""
-
-    kind = "recorded"
-
-    def __init__(self, log: list[str] | None = None, *, fail: bool = False) -> None:
-        self.log = log if log is not None else []
-        self.fail = fail
-
-    @classmethod
-    def validate_settings(cls, resource: Resource) -> Any:
-        return None
-
-    def connection(self, resource: Resource, plan_id: str) -> Any:
-        raise NotImplementedError
-
-    def create_checkpoint(self, resource: Resource, plan_id: str, checkpoint_id: str) -> Any:
-        raise NotImplementedError
-
-    def rollback_to(self, resource: Resource, plan_id: str, checkpoint_id: str) -> None:
-        raise NotImplementedError
-
-    def release_plan(self, plan_id: str) -> None:
-        self.log.append(f"handler released {plan_id}")
-        if self.fail:
-            raise RuntimeError("commit went wrong")
-
-    def rollback_plan(self, plan_id: str) -> None:
-        self.log.append(f"handler rolled back {plan_id}")
-
-    def close(self) -> None:
-        """Nothing to free."""
-
-
-class _OtherKind(_Kind):
-    """Serves the same kind as :class:`_Kind`."""
+class _OtherKind(FakeHandler):
+    """Serves the same kind as :class:`FakeHandler`."""
 
 
 def test_a_kind_served_twice_names_both_plugins() -> None:
     class First:
         @hookimpl
         def cleveragents_register_resource_handlers(self, registry: ResourceRegistry) -> None:
-            registry.add(_Kind)
+            registry.add(FakeHandler)
 
     class Second:
         @hookimpl
@@ -260,7 +226,7 @@ def test_a_kind_served_twice_names_both_plugins() -> None:
     pm.register(Second(), name="second")
     with pytest.raises(PluginError) as info:
         registries(pm)
-    assert str(info.value) == "resource kind 'recorded' is already served by first (built-in)"
+    assert str(info.value) == "resource kind 'fake' is already served by first (built-in)"
     assert info.value.plugin == "second (built-in)"
 
 
@@ -269,18 +235,18 @@ def test_resource_registry_refuses_what_is_not_a_handler() -> None:
     with pytest.raises(PluginError, match="is not a ResourceHandler subclass"):
         registry.add(object)  # type: ignore[arg-type]
     with pytest.raises(PluginError, match="is not a ResourceHandler subclass"):
-        registry.add(_Kind())  # type: ignore[arg-type]
+        registry.add(FakeHandler())  # type: ignore[arg-type]
 
-    class Nameless(_Kind):
+    class Nameless(FakeHandler):
         kind = ""
 
     with pytest.raises(PluginError, match="Nameless has no 'kind'"):
         registry.add(Nameless)
-    registry.add(_Kind)
-    registry.add(_Kind)  # the same class again is harmless
-    assert list(registry) == ["recorded"]
+    registry.add(FakeHandler)
+    registry.add(FakeHandler)  # the same class again is harmless
+    assert list(registry) == ["fake"]
     assert len(registry) == 1
-    assert "recorded" in registry
+    assert "fake" in registry
     assert registry.get("missing") is None
 
 
@@ -343,36 +309,15 @@ def test_tool_registry_basics() -> None:
 # -- dispatch ---------------------------------------------------------------------
 
 
-class _Subscriber:
-    """A plain plugin that records plan events, and can be told to raise."""
-
-    def __init__(self, name: str, log: list[str], *, fail: bool = False) -> None:
-        self.name = name
-        self.log = log
-        self.fail = fail
-
-    @hookimpl
-    def cleveragents_plan_completed(self, plan: Any) -> None:
-        self.log.append(f"{self.name} completed {plan.id}")
-        if self.fail:
-            raise RuntimeError(f"{self.name} is broken")
-
-    @hookimpl
-    def cleveragents_plan_failed(self, plan: Any, error: BaseException) -> None:
-        self.log.append(f"{self.name} failed {plan.id}: {error}")
-        if self.fail:
-            raise RuntimeError(f"{self.name} is broken")
-
-
 @pytest.fixture
 def subscribed() -> tuple[pluggy.PluginManager, list[str]]:
     """A manager with subscribers a, b (raises) and c, and a handler registered after them."""
     log: list[str] = []
     pm = get_plugin_manager(load_entry_points=False)
-    pm.register(_Subscriber("a", log), name="a")
-    pm.register(_Subscriber("b", log, fail=True), name="b")
-    pm.register(_Subscriber("c", log), name="c")
-    pm.register(_Kind(log), name="handler")
+    pm.register(RecordingSubscriber("a", log), name="a")
+    pm.register(RecordingSubscriber("b", log, fail=True), name="b")
+    pm.register(RecordingSubscriber("c", log), name="c")
+    pm.register(FakeHandler(log), name="handler")
     return pm, log
 
 
@@ -414,9 +359,9 @@ def test_dispatch_passes_only_the_arguments_each_subscriber_takes(
     errors = dispatch(pm, "cleveragents_plan_failed", plan=plan, error=ValueError("bad step"))
     assert log == [
         "handler rolled back p2",
-        "c failed p2: bad step",
-        "b failed p2: bad step",
-        "a failed p2: bad step",
+        "c failed p2: ValueError: bad step",
+        "b failed p2: ValueError: bad step",
+        "a failed p2: ValueError: bad step",
     ]
     assert [e.plugin for e in errors] == ["b"]
 
@@ -424,8 +369,8 @@ def test_dispatch_passes_only_the_arguments_each_subscriber_takes(
 def test_a_failing_handler_does_not_stop_the_subscribers() -> None:
     log: list[str] = []
     pm = get_plugin_manager(load_entry_points=False)
-    pm.register(_Subscriber("a", log), name="a")
-    pm.register(_Kind(log, fail=True), name="handler")
+    pm.register(RecordingSubscriber("a", log), name="a")
+    pm.register(FakeHandler(log, fail=True), name="handler")
     errors = dispatch(pm, "cleveragents_plan_completed", plan=types.SimpleNamespace(id="p3"))
     assert log == ["handler released p3", "a completed p3"]
     assert [(e.plugin, str(e.error)) for e in errors] == [("handler", "commit went wrong")]

@@ -37,7 +37,7 @@ from cleveragents.errors import (
 from cleveragents.hookspecs import hookimpl
 from cleveragents.plugins import get_plugin_manager
 from cleveragents.resource import Resource
-from cleveragents.resource.handlers import database as database_module
+from cleveragents.resource.handlers import _finalize as finalize_module
 from cleveragents.resource.handlers import postgresql as postgresql_module
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
 from cleveragents.runtime import Runtime
@@ -186,7 +186,7 @@ def test_the_engine_never_sends_a_commit_the_server_would_turn_into_rollback(
     with handler.connection(res, "p1") as conn:
         with pytest.raises(psycopg.errors.DivisionByZero):
             conn.execute("SELECT 1 / 0")
-        engine = handler._engines["postgresql"]
+        engine = handler._resolver.engines["postgresql"]
         with pytest.raises(psycopg.errors.InFailedSqlTransaction):
             engine.commit(conn)  # not sent: the server would answer with a ROLLBACK
         assert not engine.is_clean(conn)
@@ -589,7 +589,7 @@ def test_a_forked_child_never_touches_the_parents_session(
             handler.release_plan("child")
             handler.close()
             # Free the parent's session objects here too: freeing must not end it.
-            database_module._INHERITED.clear()
+            finalize_module._INHERITED.clear()
             gc.collect()
         except BaseException:
             code = 1

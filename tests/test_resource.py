@@ -6,17 +6,12 @@ import copy
 import dataclasses
 import pickle
 import types
-from collections.abc import Hashable, Mapping
-from pathlib import Path
-from typing import Any
 
 import pytest
-from pydantic import BaseModel
+from fakes import FakeEngine, FakeHandler
 
-from cleveragents.resource import CheckpointResult, Resource, ResourceHandler
+from cleveragents.resource import CheckpointResult, Resource
 from cleveragents.resource.base import make_checkpoint_result
-from cleveragents.resource.handlers.database import DatabaseResourceHandler, HandlerStats
-from cleveragents.resource.handlers.engine import Engine
 
 
 def _inventory(**extra: object) -> Resource:
@@ -134,85 +129,10 @@ def test_resource_needs_a_name_and_a_kind(name: object, kind: object, match: str
         Resource(name, kind)  # type: ignore[arg-type]
 
 
-def test_handler_stats_reads_as_a_mapping(tmp_path: Path) -> None:
-    resource = Resource("db", "database", engine="sqlite", location=str(tmp_path / "s.db"))
-    with DatabaseResourceHandler(max_connections=2) as handler:
-        handler.create_checkpoint(resource, "p1", "first")
-        handler.create_checkpoint(resource, "p1", "second")
-        stats = handler.stats()
-    assert isinstance(stats, Mapping)
-    assert isinstance(stats, HandlerStats)
-    assert stats["open_connections"] == stats.open_connections == 1
-    assert stats["active_plans"] == 1
-    assert stats["checkpoints"] == 2
-    assert set(stats) >= {
-        "open_connections",
-        "idle_connections",
-        "active_plans",
-        "checkpoints",
-        "commits",
-        "rollbacks",
-        "reaped",
-        "evicted",
-        "close_failures",
-    }
-    assert len(stats) == len(list(stats)) == len(dict(stats))
-    assert dict(stats)["commits"] == 0
-    assert stats.get("no_such_counter") is None
-    assert "checkpoints" in stats
-    with pytest.raises(KeyError):
-        stats["no_such_counter"]
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        stats.commits = 5  # type: ignore[misc]
-
-
-def test_handler_stats_after_close_shows_everything_freed(tmp_path: Path) -> None:
-    resource = Resource("db", "database", engine="sqlite", location=str(tmp_path / "s.db"))
-    handler = DatabaseResourceHandler(max_connections=2)
-    handler.create_checkpoint(resource, "p1", "first")
-    handler.close()
-    stats = handler.stats()
-    assert (stats.open_connections, stats.idle_connections, stats.active_plans) == (0, 0, 0)
-    assert stats.rollbacks == 1
-    assert stats.commits == 0
-
-
-class _MinimalHandler(ResourceHandler):
-    """A handler that implements only what it must."""
-
-    kind = "minimal"
-
-    def __init__(self, **settings: Any) -> None:
-        self.settings = settings
-        self.ended: list[str] = []
-
-    @classmethod
-    def validate_settings(cls, resource: Resource) -> Any:
-        return None
-
-    def connection(self, resource: Resource, plan_id: str) -> Any:
-        raise NotImplementedError
-
-    def create_checkpoint(self, resource: Resource, plan_id: str, checkpoint_id: str) -> Any:
-        raise NotImplementedError
-
-    def rollback_to(self, resource: Resource, plan_id: str, checkpoint_id: str) -> None:
-        raise NotImplementedError
-
-    def release_plan(self, plan_id: str) -> None:
-        self.ended.append(f"released {plan_id}")
-
-    def rollback_plan(self, plan_id: str) -> None:
-        self.ended.append(f"rolled back {plan_id}")
-
-    def close(self) -> None:
-        self.ended.append("closed")
-
-
 def test_handler_base_class_defaults() -> None:
-    handler = _MinimalHandler.from_config(size=3)
+    handler = FakeHandler.from_config(size=3)
     assert handler.settings == {"size": 3}
-    assert _MinimalHandler.settings_json_schema() == {"type": "object"}
+    assert FakeHandler.settings_json_schema() == {"type": "object"}
     assert handler.stats() == {}
     handler.interrupt()  # nothing to interrupt
     plan = types.SimpleNamespace(id="p1")
@@ -220,60 +140,12 @@ def test_handler_base_class_defaults() -> None:
     handler.cleveragents_plan_failed(plan)  # type: ignore[arg-type]
     with handler:
         pass
-    assert handler.ended == ["released p1", "rolled back p1", "closed"]
-
-
-class _MinimalEngine(Engine):
-    """An engine that implements only what it must."""
-
-    name = "minimal"
-    settings_model = BaseModel
-    serializes_writers = False
-    driver_error = OSError
-
-    def identity(self, settings: Any, resource_name: str) -> Hashable:
-        return resource_name
-
-    def connection_config(self, settings: Any) -> Hashable:
-        return None
-
-    def open(self, settings: Any, *, application_name: str) -> Any:
-        return object()
-
-    def begin(self, conn: Any, settings: Any, *, plan_id: str) -> None:
-        """Nothing to begin."""
-
-    def savepoint(self, conn: Any, name: str) -> None:
-        """Nothing to save."""
-
-    def rollback_to(self, conn: Any, name: str) -> None:
-        """Nothing to undo."""
-
-    def commit(self, conn: Any) -> None:
-        """Nothing to keep."""
-
-    def rollback(self, conn: Any) -> None:
-        """Nothing to undo."""
-
-    def execute(self, conn: Any, sql: str, params: Any) -> list[tuple[Any, ...]]:
-        return []
-
-    def is_clean(self, conn: Any) -> bool:
-        return True
-
-    def close(self, conn: Any) -> None:
-        """Nothing to close."""
-
-    def interrupt(self, conn: Any) -> None:
-        """Nothing to interrupt."""
-
-    def classify(self, exc: BaseException) -> Any:
-        return "other"
+    assert handler.log == ["handler released p1", "handler rolled back p1", "handler closed"]
 
 
 def test_engine_base_class_defaults() -> None:
-    engine = _MinimalEngine()
-    assert engine.describe(None) == "minimal"
+    engine = FakeEngine()
+    assert engine.describe(None) == "fake"
     assert engine.is_memory(None) is False
     assert engine.takes_turns(None) is False
     assert engine.check_committable(object()) is None
@@ -291,15 +163,3 @@ def test_the_fast_checkpoint_result_is_an_ordinary_one() -> None:
     assert dataclasses.asdict(made) == dataclasses.asdict(plain)
     with pytest.raises(dataclasses.FrozenInstanceError):
         made.depth = 3  # type: ignore[misc]
-
-
-def test_equal_resources_made_apart_share_the_plans_lease(tmp_path: Path) -> None:
-    def inventory() -> Resource:
-        return Resource("inv", "database", engine="sqlite", location=str(tmp_path / "inv.db"))
-
-    with DatabaseResourceHandler() as handler:
-        first = handler.create_checkpoint(inventory(), "p1", "a")
-        second = handler.create_checkpoint(inventory(), "p1", "b")
-        assert (first.depth, second.depth) == (1, 2)
-        assert handler.stats().open_connections == 1
-        handler.rollback_plan("p1")

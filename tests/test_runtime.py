@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pluggy
 import pytest
+from conftest import make_table
+from fakes import FakeHandler
 
-from cleveragents.errors import ResourceError
+from cleveragents.errors import (
+    CheckpointEvictedError,
+    CheckpointExpiredError,
+    CleverAgentsError,
+    PlanError,
+    ResourceBusyError,
+    ResourceError,
+)
 from cleveragents.hookspecs import hookimpl
 from cleveragents.plan import Plan, ResourceEntry, Step
 from cleveragents.plugins import get_plugin_manager
 from cleveragents.resource import Resource, ResourceHandler
+from cleveragents.resource.handlers.sqlite import SQLiteEngine
 from cleveragents.resource.registry import ResourceRegistry
 from cleveragents.runtime import PlanResult, Runtime
 from cleveragents.tools import ToolContext, ToolRegistry
@@ -32,7 +44,10 @@ class _Tools:
         self.runtime: Runtime | None = None
         self.events: list[str] = []
         self.started = threading.Event()
+        self.go = threading.Event()
         self.fail_on: str | None = None
+        #: Handler errors a tool caught and hid.
+        self.hidden: list[BaseException] = []
 
     @hookimpl
     def cleveragents_register_tools(self, registry: ToolRegistry) -> None:
@@ -42,6 +57,9 @@ class _Tools:
         registry.add("interrupt_then", self.interrupt_then)
         registry.add("long_query", self.long_query)
         registry.add("exits", self.exits)
+        registry.add("outlive_ttl", self.outlive_ttl)
+        registry.add("wait_for_go", self.wait_for_go)
+        registry.add("hold_and_reconnect", self.hold_and_reconnect)
 
     @hookimpl
     def cleveragents_plan_completed(self, plan: Plan) -> None:
@@ -81,6 +99,47 @@ class _Tools:
             conn.execute("INSERT INTO t VALUES ('before exit')")
         raise SystemExit(3)  # e.g. argparse giving up inside a tool
 
+    def outlive_ttl(self, ctx: ToolContext, then: str = "reconnect") -> None:
+        """Write, sit idle until the reaper rolls the plan back, then hide its error and go on."""
+        assert self.runtime is not None
+        with ctx.connection("inv") as conn:
+            conn.execute("INSERT INTO t VALUES ('before the reaper')")
+        handler = self.runtime.handlers["database"]
+        for _ in range(500):  # at most ~10 s
+            if handler.stats()["reaped"]:
+                break
+            threading.Event().wait(0.02)
+        else:
+            raise AssertionError("the reaper never rolled the plan back")
+        if then == "return":
+            return
+        for _ in range(2):
+            try:
+                with ctx.connection("inv") as conn:
+                    conn.execute("INSERT INTO t VALUES ('after the reaper')")
+            except CleverAgentsError as exc:
+                self.hidden.append(exc)
+        if then == "raise":
+            raise ValueError("gave up")
+
+    def hold_and_reconnect(self, ctx: ToolContext) -> None:
+        """Ask for a database another plan holds, hide the busy error, and ask again."""
+        assert self.runtime is not None
+        handler = self.runtime.handlers["database"]
+        for _ in range(2):
+            try:
+                with ctx.connection("other") as conn:
+                    conn.execute("INSERT INTO t VALUES ('after busy')")
+            except CleverAgentsError as exc:
+                self.hidden.append(exc)
+                handler.release_plan("someone-else")  # the database is free now
+
+    def wait_for_go(self, ctx: ToolContext) -> None:
+        with ctx.connection("inv") as conn:
+            conn.execute("INSERT INTO t VALUES (?)", (f"{ctx.plan_id} ran",))
+        self.started.set()
+        assert self.go.wait(10)
+
     def long_query(self, ctx: ToolContext) -> None:
         with ctx.connection("inv") as conn:
             conn.execute("INSERT INTO t VALUES ('before long query')")
@@ -103,14 +162,14 @@ def runtime(tools: _Tools) -> Iterator[Runtime]:
 
 
 @pytest.fixture
-def write_plan(db_path: Path) -> Callable[[str], Path]:
+def write_plan(db_path: Path) -> Callable[..., Path]:
     """Write a plan on resource ``inv`` (the test database) with the given steps."""
 
-    def write(steps: str) -> Path:
-        path = db_path.parent / "plan.yaml"
+    def write(steps: str, settings: str = "", name: str = "plan.yaml") -> Path:
+        path = db_path.parent / name
         path.write_text(
             f"id: p\nresources:\n  inv: {{kind: database, engine: sqlite, location: {db_path.name},"
-            f" synchronous: normal}}\nsteps:\n{steps}",
+            f" synchronous: normal{settings}}}\nsteps:\n{steps}",
             encoding="utf-8",
         )
         return path
@@ -130,7 +189,7 @@ def _idle(runtime: Runtime) -> None:
 
 
 def test_a_tool_asking_for_an_unknown_resource_fails_its_step(
-    runtime: Runtime, write_plan: Callable[[str], Path], db_path: Path, rows: Any, tools: _Tools
+    runtime: Runtime, write_plan: Callable[..., Path], db_path: Path, rows: Any, tools: _Tools
 ) -> None:
     path = write_plan(
         "  - {id: seed, resource: inv, sql: \"INSERT INTO t VALUES ('seed')\"}\n"
@@ -158,7 +217,7 @@ def test_a_tool_asking_for_an_unknown_resource_fails_its_step(
 )
 def test_expect_needs_exactly_one_matching_value(
     runtime: Runtime,
-    write_plan: Callable[[str], Path],
+    write_plan: Callable[..., Path],
     db_path: Path,
     rows: Any,
     query: str,
@@ -178,7 +237,7 @@ def test_expect_needs_exactly_one_matching_value(
 
 
 def test_retry_rolls_back_to_the_checkpoint_between_attempts(
-    runtime: Runtime, write_plan: Callable[[str], Path], db_path: Path, rows: Any, tools: _Tools
+    runtime: Runtime, write_plan: Callable[..., Path], db_path: Path, rows: Any, tools: _Tools
 ) -> None:
     path = write_plan(
         "  - {id: seed, resource: inv, sql: \"INSERT INTO t VALUES ('seed')\"}\n"
@@ -193,7 +252,7 @@ def test_retry_rolls_back_to_the_checkpoint_between_attempts(
 
 
 def test_a_step_failing_every_retry_rolls_the_whole_plan_back(
-    runtime: Runtime, write_plan: Callable[[str], Path], db_path: Path, rows: Any
+    runtime: Runtime, write_plan: Callable[..., Path], db_path: Path, rows: Any
 ) -> None:
     path = write_plan(
         "  - {id: seed, resource: inv, sql: \"INSERT INTO t VALUES ('seed')\"}\n"
@@ -208,7 +267,7 @@ def test_a_step_failing_every_retry_rolls_the_whole_plan_back(
 
 
 def test_a_failing_sql_step_is_retried_then_fails(
-    runtime: Runtime, write_plan: Callable[[str], Path], db_path: Path, rows: Any
+    runtime: Runtime, write_plan: Callable[..., Path], db_path: Path, rows: Any
 ) -> None:
     path = write_plan(
         "  - {id: seed, resource: inv, sql: \"INSERT INTO t VALUES ('seed')\"}\n"
@@ -223,7 +282,7 @@ def test_a_failing_sql_step_is_retried_then_fails(
 
 
 def test_interrupt_stops_the_plan_before_its_next_step(
-    runtime: Runtime, write_plan: Callable[[str], Path], db_path: Path, rows: Any, tools: _Tools
+    runtime: Runtime, write_plan: Callable[..., Path], db_path: Path, rows: Any, tools: _Tools
 ) -> None:
     path = write_plan(
         "  - {id: stop, tool: interrupt_then}\n"
@@ -239,7 +298,7 @@ def test_interrupt_stops_the_plan_before_its_next_step(
 
 
 def test_interrupt_during_a_retry_does_not_retry(
-    runtime: Runtime, write_plan: Callable[[str], Path], db_path: Path, rows: Any
+    runtime: Runtime, write_plan: Callable[..., Path], db_path: Path, rows: Any
 ) -> None:
     path = write_plan("  - {id: stop, tool: interrupt_then, retry: 3, with: {fail: true}}\n")
     result = _run(runtime, path)
@@ -253,7 +312,7 @@ def test_interrupt_during_a_retry_does_not_retry(
 @pytest.mark.parametrize("kind", ["sql", "tool"])
 def test_interrupt_stops_a_running_statement(
     runtime: Runtime,
-    write_plan: Callable[[str], Path],
+    write_plan: Callable[..., Path],
     db_path: Path,
     rows: Any,
     tools: _Tools,
@@ -295,7 +354,7 @@ def test_interrupt_stops_a_running_statement(
 
 
 def test_a_broken_subscriber_does_not_fail_a_completed_plan(
-    runtime: Runtime, write_plan: Callable[[str], Path], db_path: Path, rows: Any, tools: _Tools
+    runtime: Runtime, write_plan: Callable[..., Path], db_path: Path, rows: Any, tools: _Tools
 ) -> None:
     tools.fail_on = "completed"
     path = write_plan("  - {id: seed, resource: inv, sql: \"INSERT INTO t VALUES ('kept')\"}\n")
@@ -341,32 +400,10 @@ def test_handlers_are_made_once_per_kind_and_refused_after_close(tools: _Tools) 
         runtime.handler("database")
 
 
-class _NoSql(ResourceHandler):
+class _NoSql(FakeHandler):
     """A resource kind that cannot run SQL."""
 
     kind = "nosql"
-
-    @classmethod
-    def validate_settings(cls, resource: Resource) -> Any:
-        return None
-
-    def connection(self, resource: Resource, plan_id: str) -> Any:
-        raise NotImplementedError
-
-    def create_checkpoint(self, resource: Resource, plan_id: str, checkpoint_id: str) -> Any:
-        raise NotImplementedError
-
-    def rollback_to(self, resource: Resource, plan_id: str, checkpoint_id: str) -> None:
-        raise NotImplementedError
-
-    def release_plan(self, plan_id: str) -> None:
-        """Nothing to commit."""
-
-    def rollback_plan(self, plan_id: str) -> None:
-        """Nothing to undo."""
-
-    def close(self) -> None:
-        """Nothing to free."""
 
 
 def test_sql_on_a_kind_that_cannot_run_it_fails_the_step() -> None:
@@ -384,7 +421,9 @@ def test_sql_on_a_kind_that_cannot_run_it_fails_the_step() -> None:
     )
     with Runtime(plugin_manager=pm) as runtime:
         result = runtime.run(plan)
-        assert isinstance(runtime.handlers["nosql"], _NoSql)
+        handler = runtime.handlers["nosql"]
+        assert isinstance(handler, _NoSql)
+    assert handler.log == ["handler rolled back p", "handler closed"]
     assert result.status == "failed"
     assert not result.completed
     assert result.error == "resource kind 'nosql' cannot run SQL"
@@ -430,7 +469,7 @@ def test_plans_run_in_parallel_share_one_handler(
 
 
 def test_a_tool_raising_system_exit_still_ends_its_plan(
-    runtime: Runtime, tools: _Tools, write_plan: Callable[[str], Path], db_path: Path, rows: Any
+    runtime: Runtime, tools: _Tools, write_plan: Callable[..., Path], db_path: Path, rows: Any
 ) -> None:
     plan = runtime.load(write_plan("  - {id: bail, tool: exits}\n"))
 
@@ -446,3 +485,323 @@ def test_a_tool_raising_system_exit_still_ends_its_plan(
         runtime, write_plan("  - {id: s, sql: \"INSERT INTO t VALUES ('next')\", resource: inv}\n")
     )
     assert again.completed, again.error
+
+
+# -- plan ids: one transaction per plan, never shared ----------------------------------------
+
+
+def test_run_many_refuses_two_plans_with_one_id_and_runs_none(
+    runtime: Runtime, write_plan: Callable[..., Path], db_path: Path, rows: Any, tools: _Tools
+) -> None:
+    first = write_plan("  - {id: a, resource: inv, sql: \"INSERT INTO t VALUES ('a')\"}\n")
+    second = write_plan(
+        "  - {id: b, resource: inv, sql: \"INSERT INTO t VALUES ('b')\"}\n", name="again.yaml"
+    )
+    plans = [runtime.load(first), runtime.load(second)]
+    for parallel in (1, 2):
+        with pytest.raises(PlanError) as raised:
+            runtime.run_many(plans, parallel=parallel)
+        assert [str(problem) for problem in raised.value.problems] == [
+            f"{second}:1: id: plan id 'p' is also the id of {first}:1; "
+            "plans run together need different ids"
+        ]
+    assert tools.events == []  # not even started
+    assert runtime.handlers == {}  # no resource was touched
+    assert rows(db_path, "SELECT v FROM t") == []
+
+
+def test_run_many_names_plans_made_in_code_by_their_place() -> None:
+    plan = Plan(id="same", steps=[Step(id="a", tool="x")])
+    other = plan.model_copy(update={"source": "other.yaml"})
+    pm = get_plugin_manager(load_entry_points=False)
+    with Runtime(plugin_manager=pm) as runtime, pytest.raises(PlanError) as raised:
+        runtime.run_many([plan, plan, other])
+    assert [str(problem) for problem in raised.value.problems] == [
+        "plans[1]: id: plan id 'same' is also the id of plans[0]; "
+        "plans run together need different ids",
+        "other.yaml: id: plan id 'same' is also the id of plans[0]; "
+        "plans run together need different ids",
+    ]
+
+
+def test_a_plan_is_refused_while_one_with_its_id_runs(
+    runtime: Runtime, write_plan: Callable[..., Path], db_path: Path, rows: Any, tools: _Tools
+) -> None:
+    plan = runtime.load(write_plan("  - {id: w, tool: wait_for_go}\n"))
+    results: list[PlanResult] = []
+    worker = threading.Thread(target=lambda: results.append(runtime.run(plan)))
+    worker.start()
+    try:
+        assert tools.started.wait(10)
+        with pytest.raises(PlanError, match="already running in this runtime"):
+            runtime.run(plan)
+    finally:
+        tools.go.set()
+        worker.join(10)
+    assert [result.status for result in results] == ["completed"]
+    assert rows(db_path, "SELECT v FROM t") == [("p ran",)]
+    assert runtime.run(plan).completed  # once it ended, the id is free again
+    _idle(runtime)
+
+
+# -- what became of the work: committed, rolled back, or partly committed --------------------
+
+
+def test_a_result_names_what_was_committed(
+    runtime: Runtime, write_plan: Callable[..., Path]
+) -> None:
+    good = _run(
+        runtime, write_plan("  - {id: a, resource: inv, sql: \"INSERT INTO t VALUES ('a')\"}\n")
+    )
+    assert (good.outcome, good.committed) == ("committed", ["inv"])
+    assert good.to_json()["outcome"] == "committed"
+    assert good.to_json()["committed"] == ["inv"]
+    bad = _run(runtime, write_plan("  - {id: doomed, tool: always_fails}\n"))
+    assert (bad.outcome, bad.committed) == ("rolled_back", [])
+
+
+def test_a_commit_failing_on_the_second_database_is_reported_as_a_partial_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows: Any, tools: _Tools
+) -> None:
+    for name in ("first", "second"):
+        make_table(tmp_path / f"{name}.db")
+    path = tmp_path / "two.yaml"
+    path.write_text(
+        "id: two\nresources:\n"
+        "  first: {kind: database, engine: sqlite, location: first.db}\n"
+        "  second: {kind: database, engine: sqlite, location: second.db}\n"
+        "steps:\n"
+        "  - {id: a, resource: first, sql: \"INSERT INTO t VALUES ('first')\"}\n"
+        "  - {id: b, resource: second, sql: \"INSERT INTO t VALUES ('second')\"}\n",
+        encoding="utf-8",
+    )
+    real_commit = SQLiteEngine.commit
+
+    def commit(engine: SQLiteEngine, conn: Any) -> None:
+        if conn.execute("PRAGMA database_list").fetchone()[2].endswith("second.db"):
+            raise sqlite3.OperationalError("disk I/O error")
+        real_commit(engine, conn)
+
+    monkeypatch.setattr(SQLiteEngine, "commit", commit)
+    pm = get_plugin_manager(load_entry_points=False)
+    pm.register(tools, name="test-tools")
+    with Runtime(plugin_manager=pm) as runtime:
+        result = runtime.run(runtime.load(path))
+    assert result.status == "failed"
+    assert (result.outcome, result.committed) == ("partial_commit", ["first"])
+    assert result.error is not None and "['first'] were committed" in result.error
+    line = result.to_json()
+    assert (line["status"], line["outcome"], line["committed"]) == (
+        "failed",
+        "partial_commit",
+        ["first"],
+    )
+    assert tools.events == ["failed two: PartialCommitError"]
+    assert rows(tmp_path / "first.db", "SELECT v FROM t") == [("first",)]
+    assert rows(tmp_path / "second.db", "SELECT v FROM t") == []
+
+
+# -- a handler error poisons the plan, even when a tool hides it -----------------------------
+
+
+def test_a_tool_that_hides_expiry_and_reconnects_fails_its_plan(
+    runtime: Runtime, write_plan: Callable[..., Path], db_path: Path, rows: Any, tools: _Tools
+) -> None:
+    path = write_plan("  - {id: slow, tool: outlive_ttl}\n", settings=", checkpoint_ttl: 0.2")
+    result = _run(runtime, path)
+    assert result.status == "failed"
+    assert result.outcome == "rolled_back"
+    assert result.failed_step == "slow"
+    assert result.error is not None and "the reaper rolled it back" in result.error
+    # Asking again raised the same error: no fresh transaction was opened.
+    assert [type(error) for error in tools.hidden] == [CheckpointExpiredError] * 2
+    assert tools.hidden[0] is tools.hidden[1]
+    assert tools.events == ["failed p: CheckpointExpiredError"]
+    assert rows(db_path, "SELECT v FROM t") == []
+    _idle(runtime)
+
+
+def test_after_a_hidden_handler_error_no_later_step_runs_and_no_retry(
+    runtime: Runtime, write_plan: Callable[..., Path], db_path: Path, rows: Any, tools: _Tools
+) -> None:
+    path = write_plan(
+        "  - {id: slow, tool: outlive_ttl, retry: 2, with: {then: raise}}\n"
+        "  - {id: later, resource: inv, sql: \"INSERT INTO t VALUES ('later')\"}\n",
+        settings=", checkpoint_ttl: 0.2",
+    )
+    result = _run(runtime, path)
+    assert result.status == "failed"
+    assert result.failed_step == "slow"
+    assert result.steps[0].attempts == 1  # never retried: the plan's work is gone
+    assert result.steps[0].error == "ValueError: gave up"
+    assert result.error is not None and "the reaper rolled it back" in result.error
+    assert [step.status for step in result.steps] == ["failed", "not run"]
+    assert rows(db_path, "SELECT v FROM t") == []
+    _idle(runtime)
+
+
+def test_a_step_after_a_tool_that_swallowed_the_error_does_not_commit_alone(
+    runtime: Runtime, write_plan: Callable[..., Path], db_path: Path, rows: Any, tools: _Tools
+) -> None:
+    path = write_plan(
+        "  - {id: slow, tool: outlive_ttl}\n"
+        "  - {id: later, resource: inv, sql: \"INSERT INTO t VALUES ('later')\"}\n",
+        settings=", checkpoint_ttl: 0.2",
+    )
+    result = _run(runtime, path)
+    assert result.status == "failed"
+    assert result.failed_step == "later"
+    assert [step.status for step in result.steps] == ["passed", "failed"]
+    assert rows(db_path, "SELECT v FROM t") == []
+    _idle(runtime)
+
+
+def test_a_tool_that_hides_a_busy_database_and_reconnects_fails_its_plan(
+    runtime: Runtime, db_path: Path, rows: Any, tools: _Tools
+) -> None:
+    other_path = db_path.parent / "other.db"
+    make_table(other_path)
+    path = db_path.parent / "busy.yaml"
+    path.write_text(
+        "id: p\nresources:\n"
+        f"  inv: {{kind: database, engine: sqlite, location: {db_path.name}}}\n"
+        "  other: {kind: database, engine: sqlite, location: other.db, busy_timeout: 0.1}\n"
+        "steps:\n"
+        "  - {id: seed, resource: inv, sql: \"INSERT INTO t VALUES ('seed')\"}\n"
+        "  - {id: hold, tool: hold_and_reconnect}\n",
+        encoding="utf-8",
+    )
+    plan = runtime.load(path)
+    handler = runtime.handler("database")
+    other = Resource(name="other", kind="database", engine="sqlite", location=str(other_path))
+    handler.create_checkpoint(other, "someone-else", "holding")  # holds other.db's write turn
+    result = runtime.run(plan)
+    assert result.status == "failed"
+    assert result.failed_step == "hold"
+    assert [type(error) for error in tools.hidden] == [ResourceBusyError] * 2
+    assert tools.events == ["failed p: ResourceBusyError"]
+    assert rows(db_path, "SELECT v FROM t") == []
+    assert rows(other_path, "SELECT v FROM t") == []
+    _idle(runtime)
+
+
+def test_an_sql_step_after_the_plan_expired_fails_it(
+    runtime: Runtime, write_plan: Callable[..., Path], db_path: Path, rows: Any, tools: _Tools
+) -> None:
+    path = write_plan(
+        "  - {id: slow, tool: outlive_ttl, with: {then: return}}\n"
+        "  - {id: later, resource: inv, sql: \"INSERT INTO t VALUES ('later')\"}\n"
+        "  - {id: last, resource: inv, sql: \"INSERT INTO t VALUES ('last')\"}\n",
+        settings=", checkpoint_ttl: 0.2",
+    )
+    result = _run(runtime, path)
+    assert result.status == "failed"
+    assert result.failed_step == "later"
+    assert result.steps[1].attempts == 1
+    assert result.error is not None and "the reaper rolled it back" in result.error
+    assert [step.status for step in result.steps] == ["passed", "failed", "not run"]
+    assert rows(db_path, "SELECT v FROM t") == []
+    _idle(runtime)
+
+
+def test_a_checkpoint_the_handler_cannot_take_fails_the_plan(
+    runtime: Runtime, write_plan: Callable[..., Path], db_path: Path, rows: Any, tools: _Tools
+) -> None:
+    path = write_plan(
+        "  - {id: careful, resource: inv, checkpoint: true, sql: \"INSERT INTO t VALUES ('a')\"}\n",
+        settings=", busy_timeout: 0.1",
+    )
+    handler = runtime.handler("database")
+    holder = Resource(name="holder", kind="database", engine="sqlite", location=str(db_path))
+    handler.create_checkpoint(holder, "someone-else", "holding")  # holds the write turn
+    try:
+        result = _run(runtime, path)
+    finally:
+        handler.rollback_plan("someone-else")
+    assert result.status == "failed"
+    assert result.failed_step == "careful"
+    assert result.steps[0].attempts == 0  # the step itself never ran
+    assert tools.events == ["failed p: ResourceBusyError"]
+    assert rows(db_path, "SELECT v FROM t") == []
+    _idle(runtime)
+
+
+class _Box(ResourceHandler):
+    """A resource kind whose lent "connection" is a list, and whose block can fail on leaving."""
+
+    kind = "box"
+
+    def __init__(self) -> None:
+        self.pending: dict[str, list[str]] = {}
+        self.committed: list[str] = []
+        self.lent = 0
+
+    @classmethod
+    def validate_settings(cls, resource: Resource) -> Any:
+        return None
+
+    @contextmanager
+    def connection(self, resource: Resource, plan_id: str) -> Iterator[list[str]]:
+        self.lent += 1
+        yield self.pending.setdefault(plan_id, [])
+        raise ResourceError("the plan's transaction ended under it", plan_id=plan_id)
+
+    def create_checkpoint(self, resource: Resource, plan_id: str, checkpoint_id: str) -> Any:
+        raise NotImplementedError
+
+    def rollback_to(self, resource: Resource, plan_id: str, checkpoint_id: str) -> None:
+        raise NotImplementedError
+
+    def release_plan(self, plan_id: str) -> None:
+        self.committed += self.pending.pop(plan_id, [])
+
+    def rollback_plan(self, plan_id: str) -> None:
+        self.pending.pop(plan_id, None)
+
+    def close(self) -> None:
+        """Nothing to free."""
+
+
+@pytest.mark.parametrize("inside", [None, CheckpointEvictedError("evicted")])
+def test_a_handler_error_leaving_the_connection_block_poisons_the_plan(
+    inside: BaseException | None,
+) -> None:
+    hidden: list[BaseException] = []
+
+    class Plugin:
+        @hookimpl
+        def cleveragents_register_resource_handlers(self, registry: ResourceRegistry) -> None:
+            registry.add(_Box)
+
+        @hookimpl
+        def cleveragents_register_tools(self, registry: ToolRegistry) -> None:
+            registry.add("pack", pack)
+
+    def pack(ctx: ToolContext) -> None:
+        for _ in range(2):
+            try:
+                with ctx.connection("box") as box:
+                    box.append("apple")
+                    if inside is not None:
+                        raise inside
+            except CleverAgentsError as exc:
+                hidden.append(exc)
+
+    pm = get_plugin_manager(load_entry_points=False)
+    pm.register(Plugin(), name="box-plugin")
+    plan = Plan(
+        id="p",
+        resources={"box": ResourceEntry(kind="box")},
+        steps=[Step(id="pack", tool="pack")],
+    )
+    with Runtime(plugin_manager=pm) as runtime:
+        result = runtime.run(plan)
+        box = runtime.handlers["box"]
+    assert isinstance(box, _Box)
+    assert result.status == "failed"
+    assert result.failed_step == "pack"
+    first = inside or hidden[0]
+    assert result.error == str(first)
+    assert hidden == [first, first]  # asking again raised it again, lending nothing
+    assert box.lent == 1
+    assert box.committed == []

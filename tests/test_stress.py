@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from cleveragents import cli, stress
+from cleveragents import cli, fds, stress
 from cleveragents.errors import PoolExhaustedError
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
 from cleveragents.stress import StressOptions, StressReport, run_stress
@@ -371,11 +371,11 @@ def test_plot_needs_matplotlib(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_count_fds_counts_this_process_descriptors() -> None:
-    before = stress.count_fds()
+    before = fds.count_fds()
     assert before == len(os.listdir("/proc/self/fd"))
     with open(os.devnull, "rb"):
-        assert stress.count_fds() == before + 1
-    assert stress.count_fds() == before
+        assert fds.count_fds() == before + 1
+    assert fds.count_fds() == before
 
 
 def test_count_fds_falls_back_to_dev_fd(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -387,13 +387,13 @@ def test_count_fds_falls_back_to_dev_fd(monkeypatch: pytest.MonkeyPatch) -> None
         return listdir(path)
 
     monkeypatch.setattr(os, "listdir", no_proc)
-    assert stress.count_fds() == len(listdir("/dev/fd"))
+    assert fds.count_fds() == len(listdir("/dev/fd"))
 
     def nothing(path: str) -> list[str]:
         raise PermissionError(path)
 
     monkeypatch.setattr(os, "listdir", nothing)
-    assert stress.count_fds() == -1
+    assert fds.count_fds() == -1
 
 
 def test_a_database_the_harness_cannot_open_is_one_line_and_exit_1(

@@ -11,7 +11,14 @@ import builtins
 import threading
 from typing import Any
 
-from agents import Agent, RunContextWrapper, function_tool, set_tracing_disabled
+from agents import (
+    Agent,
+    GuardrailFunctionOutput,
+    OutputGuardrail,
+    RunContextWrapper,
+    function_tool,
+    set_tracing_disabled,
+)
 from agents.testing import ModelStep, ScriptedModel, assistant_message, function_call
 from bdd_support import EVENTUALLY_S, path_in_workdir
 from behave import given, then, when
@@ -149,11 +156,20 @@ def step_agent_plan_on(context: Any, filename: str) -> None:
     context.agent_database = path_in_workdir(context, filename)
     context.agent_settings = {}
     context.agent_call_ids = 0
+    context.agent_guardrails = []
 
 
 @given('the agent plan\'s checkpoint_ttl is "{ttl}"')
 def step_agent_plan_ttl(context: Any, ttl: str) -> None:
     context.agent_settings["checkpoint_ttl"] = ttl
+
+
+@given('the agent\'s final answers must not mention "{word}"')
+def step_agent_output_guardrail(context: Any, word: str) -> None:
+    def check(ctx: Any, agent: Any, output: Any) -> GuardrailFunctionOutput:
+        return GuardrailFunctionOutput(output_info=None, tripwire_triggered=word in str(output))
+
+    context.agent_guardrails.append(OutputGuardrail(check, name=f"never {word!r}"))
 
 
 @given("the scripted model plays:")
@@ -182,7 +198,12 @@ def _prepare(context: Any) -> tuple[AgentPlan, Agent[Any]]:
     context.agent_plan = AgentPlan(handler, [inventory], data=context.agent_state)
     context.agent_result = None
     context.agent_error = None
-    agent = Agent(name="clerk", model=context.agent_model, tools=TOOLS)
+    agent = Agent(
+        name="clerk",
+        model=context.agent_model,
+        tools=TOOLS,
+        output_guardrails=context.agent_guardrails,
+    )
     return context.agent_plan, agent
 
 
@@ -206,6 +227,21 @@ def _capture(context: Any, scenario: Any) -> None:
 @when("the agent runs")
 def step_agent_runs(context: Any) -> None:
     _run(context)
+
+
+@when("the agent runs and the block catches what the run raises")
+def step_agent_runs_and_block_catches(context: Any) -> None:
+    plan, agent = _prepare(context)
+    context.agent_caught = None
+
+    async def scenario() -> None:
+        async with plan:
+            try:
+                context.agent_result = await plan.run(agent, "restock the shelves")
+            except Exception as exc:  # what a caller that reports and goes on does
+                context.agent_caught = exc
+
+    _capture(context, scenario)
 
 
 @when("the agent runs with at most {turns:d} turns")
@@ -285,6 +321,13 @@ def step_check_agent_plan_rolled_back_because(context: Any, text: str) -> None:
 def step_check_agent_run_failed(context: Any, name: str) -> None:
     error = context.agent_error
     assert type(error).__name__ == name, f"expected {name}, got {error!r}"
+
+
+@then("the block caught {name}")
+def step_check_block_caught(context: Any, name: str) -> None:
+    _no_error(context)
+    caught = context.agent_caught
+    assert type(caught).__name__ == name, f"expected {name}, got {caught!r}"
 
 
 @then('the run\'s final output is "{text}"')

@@ -1,14 +1,15 @@
 """Helpers shared by the step modules: paths, resources, rows read through a separate connection.
 
 This module defines no steps. Step modules import it by name (behave puts
-the steps folder on ``sys.path`` while it loads them).
+the steps folder on ``sys.path`` while it loads them). The fakes the pytest
+suite uses too (``tests/fakes.py``) are imported through here.
 """
 
 from __future__ import annotations
 
 import builtins
-import os
 import sqlite3
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
@@ -17,6 +18,14 @@ from typing import Any
 
 from cleveragents import errors
 from cleveragents.resource import Resource
+
+# The fakes shared with the pytest suite. The folder is appended, not
+# prepended: nothing in tests/ may shadow another module.
+sys.path.append(str(Path(__file__).resolve().parents[2] / "tests"))
+import fakes
+
+#: A plugin that records the plan events it is told (``events_of(plan_id)``).
+RecordingSubscriber = fakes.RecordingSubscriber
 
 #: A generous bound for anything that must happen "eventually" (never a speed check).
 EVENTUALLY_S = 15.0
@@ -93,11 +102,6 @@ def table_names(path: Path) -> list[str]:
 def split_names(text: str) -> list[str]:
     """Split ``"apple, pear"`` into ``["apple", "pear"]``."""
     return [part.strip().strip('"') for part in text.split(",") if part.strip()]
-
-
-def open_descriptors() -> int:
-    """Count this process's open file descriptors."""
-    return len(os.listdir("/proc/self/fd"))
 
 
 def error_class(name: str) -> type[BaseException]:

@@ -141,6 +141,11 @@ def step_check_stdout_mentions(context: Any, text: str) -> None:
     assert text in _result(context).stdout, _result(context).stdout
 
 
+@then('stdout does not mention "{text}"')
+def step_check_stdout_does_not_mention(context: Any, text: str) -> None:
+    assert text not in _result(context).stdout, _result(context).stdout
+
+
 @then('stderr mentions "{text}"')
 def step_check_stderr_mentions(context: Any, text: str) -> None:
     assert text in _result(context).stderr, _result(context).stderr

@@ -15,12 +15,12 @@ from typing import Any
 from bdd_support import (
     EVENTUALLY_S,
     database_resource,
-    open_descriptors,
     path_in_workdir,
     wait_until,
 )
 from behave import given, then, when
 
+from cleveragents.fds import count_fds
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
 
 # -- file descriptors ---------------------------------------------------------
@@ -28,15 +28,15 @@ from cleveragents.resource.handlers.database import DatabaseResourceHandler
 
 @given("the open file descriptors are counted")
 def step_count_descriptors(context: Any) -> None:
-    context.fd_baseline = open_descriptors()
+    context.fd_baseline = count_fds()
 
 
 @then("the open file descriptors are back to that count")
 def step_descriptors_back(context: Any) -> None:
     # A connection is closed just after it stops being counted: allow a moment.
     wait_until(
-        lambda: open_descriptors() <= context.fd_baseline,
-        f"{open_descriptors()} descriptors to drop to {context.fd_baseline}",
+        lambda: count_fds() <= context.fd_baseline,
+        f"{count_fds()} descriptors to drop to {context.fd_baseline}",
     )
 
 
@@ -210,6 +210,7 @@ _EXIT_PROGRAM = """
 import sys
 from cleveragents.resource import Resource
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
+from cleveragents.fds import count_fds
 
 resource = Resource(name="inventory", kind="database", engine="sqlite", location=sys.argv[1])
 handler = DatabaseResourceHandler()

@@ -8,7 +8,13 @@ import sqlite3
 from typing import Any
 
 import cleveragents_example_report
-from bdd_support import database_resource, path_in_workdir, split_names, wait_until
+from bdd_support import (
+    RecordingSubscriber,
+    database_resource,
+    path_in_workdir,
+    split_names,
+    wait_until,
+)
 from behave import given, step, then, when
 
 from cleveragents import PlanResult, Runtime, hookimpl
@@ -61,25 +67,6 @@ class BddTools:
             reader.close()
 
 
-class EventRecorder:
-    """An in-test subscriber that remembers the plan events it was told."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, str]] = []
-
-    @hookimpl
-    def cleveragents_plan_started(self, plan: Any) -> None:
-        self.events.append(("started", plan.id))
-
-    @hookimpl
-    def cleveragents_plan_completed(self, plan: Any) -> None:
-        self.events.append(("completed", plan.id))
-
-    @hookimpl
-    def cleveragents_plan_failed(self, plan: Any, error: BaseException) -> None:
-        self.events.append(("failed", plan.id))
-
-
 def _start_runtime(context: Any, plugin_manager: Any = None) -> None:
     context.runtime = Runtime(plugin_manager=plugin_manager)
     context.closables.append(context.runtime)
@@ -100,7 +87,7 @@ def step_runtime_with_test_tools(context: Any) -> None:
     context.add_cleanup(tools.close)
     pm = get_plugin_manager()
     pm.register(tools, name="bdd-tools")
-    context.recorders = {"recorder": EventRecorder()}
+    context.recorders = {"recorder": RecordingSubscriber()}
     pm.register(context.recorders["recorder"], name="recorder")
     _start_runtime(context, pm)
     tools.runtime = context.runtime
@@ -109,7 +96,7 @@ def step_runtime_with_test_tools(context: Any) -> None:
 @given('a runtime whose subscribers are "{first}", the example plugin and "{last}", in that order')
 def step_runtime_with_recorders(context: Any, first: str, last: str) -> None:
     pm = get_plugin_manager(load_entry_points=False)
-    context.recorders = {first: EventRecorder(), last: EventRecorder()}
+    context.recorders = {first: RecordingSubscriber(first), last: RecordingSubscriber(last)}
     pm.register(context.recorders[first], name=first)
     pm.register(cleveragents_example_report, name="example_report")
     pm.register(context.recorders[last], name=last)
@@ -268,7 +255,7 @@ def step_check_subscriber_error(context: Any, plan: str, text: str) -> None:
 
 @then('subscriber "{name}" was told "{events}" for plan "{plan}"')
 def step_check_recorded_events(context: Any, name: str, events: str, plan: str) -> None:
-    found = [event for event, plan_id in context.recorders[name].events if plan_id == plan]
+    found = context.recorders[name].events_of(plan)
     assert found == split_names(events), found
 
 

@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 import click
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cleveragents.durations import parse_duration
@@ -22,7 +23,7 @@ from cleveragents.errors import CleverAgentsError, PlanError, PluginError
 from cleveragents.plan import Plan, plan_json_schema
 from cleveragents.plugins import get_plugin_manager, plugin_source, registries
 from cleveragents.resource.handlers.database import DatabaseHandlerSettings
-from cleveragents.runtime import PlanResult, Runtime
+from cleveragents.runtime import PlanResult, Runtime, check_plan_ids
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -77,12 +78,21 @@ def _runtime(allow_root: Sequence[str], **handler_options: Any) -> Runtime:
         _bad_input([f"cleveragents: {exc}"])
 
 
-def _load_all(runtime: Runtime, paths: Sequence[str]) -> list[Plan]:
+def _load_all(runtime: Runtime, paths: Sequence[str], *, together: bool = False) -> list[Plan]:
+    """Load every plan, or report every problem and exit 2.
+
+    With *together*, the plans are to run in one run, so they need different ids.
+    """
     plans: list[Plan] = []
     problems: list[str] = []
     for path in paths:
         try:
             plans.append(runtime.load(path))
+        except PlanError as exc:
+            problems += [str(problem) for problem in exc.problems]
+    if together and not problems:
+        try:
+            check_plan_ids(plans)
         except PlanError as exc:
             problems += [str(problem) for problem in exc.problems]
     if problems:
@@ -152,10 +162,14 @@ def run(
     allow_root: tuple[str, ...],
     **handler_options: Any,
 ) -> None:
-    """Run PLANS; exit 0 if all completed, 1 if one failed (and was rolled back), 2 on bad input."""
+    """Run PLANS; exit 0 if all completed, 1 if one failed, 2 on bad input (nothing run).
+
+    A failed plan's work is rolled back, unless a commit failed after another
+    database's succeeded: its status line then names the databases committed.
+    """
     runtime = _runtime(allow_root, **handler_options)
     with runtime:
-        loaded = _load_all(runtime, plans)
+        loaded = _load_all(runtime, plans, together=True)
         with _signals_interrupt(runtime) as received:
             results = _run_plans(runtime, loaded, parallel, as_json, received)
     for result in results:
@@ -229,10 +243,19 @@ def _print_json(result: PlanResult) -> None:
 _STATUS_STYLE = {"passed": "green", "failed": "bold red", "not run": "dim"}
 
 
+def _status_line(result: PlanResult) -> str:
+    """Say how the plan ended and what became of its work."""
+    if result.completed:
+        return "completed (committed)"
+    if result.outcome == "partial_commit":
+        return f"failed (partial commit: committed {', '.join(result.committed)})"
+    return "failed (rolled back)"
+
+
 def _print_table(result: PlanResult) -> None:
     colour = "green" if result.completed else "bold red"
-    outcome = "completed (committed)" if result.completed else "failed (rolled back)"
-    title = f"plan {result.plan}: [{colour}]{outcome}[/]"
+    outcome = escape(_status_line(result))
+    title = f"plan {escape(result.plan)}: [{colour}]{outcome}[/]"
     table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
     table.add_column("step")
     table.add_column("status")
@@ -240,7 +263,7 @@ def _print_table(result: PlanResult) -> None:
     table.add_column("time", justify="right")
     for step in result.steps:
         table.add_row(
-            step.id,
+            escape(step.id),
             f"[{_STATUS_STYLE[step.status]}]{step.status}[/]",
             str(step.attempts),
             f"{step.duration_ms:.1f} ms",

@@ -3,10 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
+
+
+def _rebuild(cls: type[BaseException], args: tuple[Any, ...]) -> BaseException:
+    """Make an error of *cls* with *args* without calling its ``__init__`` (for pickle)."""
+    error = cls.__new__(cls, *args)
+    error.args = args
+    return error
 
 
 class CleverAgentsError(Exception):
-    """Base class of every error raised by cleveragents."""
+    """Base class of every error raised by cleveragents.
+
+    Every subclass pickles and copies with its message and attributes, whatever
+    its ``__init__`` takes: agent runtimes ship errors across processes.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exception's own reduce calls cls(*self.args) on load, which fails for
+        # keyword-only arguments and builds a message from the finished message
+        # again. Rebuild without __init__, then restore the attributes as they were.
+        return (_rebuild, (type(self), self.args), self.__dict__)
 
 
 class PluginError(CleverAgentsError):
@@ -36,6 +54,10 @@ class PlanProblem:
 
     def __repr__(self) -> str:
         return f"PlanProblem({str(self)!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # With __slots__, pickle protocols 0 and 1 cannot save it by default.
+        return (PlanProblem, (self.path, self.line, self.field, self.message))
 
 
 class PlanError(CleverAgentsError, ValueError):

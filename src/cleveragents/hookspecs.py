@@ -1,24 +1,31 @@
 """The hook markers and every hook specification of cleveragents.
 
-Plugins import :data:`hookimpl` from here. Types named by the specs are imported
-only for type checking, so any module can import this one without a cycle.
+Plugins import :data:`hookimpl` from here; the markers themselves live in the
+leaf module :mod:`cleveragents._markers`. Types named by the specs are imported
+only for type checking, and none of those modules imports this one.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import pluggy
+from cleveragents._markers import PROJECT_NAME, hookimpl, hookspec
 
 if TYPE_CHECKING:
     from cleveragents.plan import Plan
     from cleveragents.resource.registry import ResourceRegistry
     from cleveragents.tools import ToolRegistry
 
-PROJECT_NAME = "cleveragents"
-
-hookspec = pluggy.HookspecMarker(PROJECT_NAME)
-hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+__all__ = [
+    "PROJECT_NAME",
+    "cleveragents_plan_completed",
+    "cleveragents_plan_failed",
+    "cleveragents_plan_started",
+    "cleveragents_register_resource_handlers",
+    "cleveragents_register_tools",
+    "hookimpl",
+    "hookspec",
+]
 
 
 @hookspec

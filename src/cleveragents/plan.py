@@ -9,16 +9,24 @@ no change here. Every problem names the file, the line and the field.
 from __future__ import annotations
 
 import os
-import re
 import uuid
 from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cleveragents.errors import PlanError, PlanProblem
+from cleveragents.ids import id_problem
 from cleveragents.resource.base import _SECRET_KEYS, Resource
 
 if TYPE_CHECKING:
@@ -27,16 +35,15 @@ if TYPE_CHECKING:
 #: Plan files larger than this are refused before parsing.
 MAX_PLAN_BYTES = 1_000_000
 _MAX_NODES = 100_000
-_MAX_ID = 200
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: Settings whose value is a filesystem path, resolved against the plan's folder.
 PATH_SETTINGS = ("location",)
 MEMORY = ":memory:"
 
 
 def _check_id(value: str) -> str:
-    if not value or len(value) > _MAX_ID or _CONTROL.search(value):
-        raise ValueError(f"must be 1 to {_MAX_ID} printable characters without control characters")
+    problem = id_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
     return value
 
 
@@ -138,6 +145,7 @@ class Plan(BaseModel):
     source: str | None = Field(
         default=None, exclude=True, description="The file the plan was loaded from."
     )
+    _id_line: int | None = PrivateAttr(default=None)
 
     @field_validator("id")
     @classmethod
@@ -156,6 +164,11 @@ class Plan(BaseModel):
     def resource(self, name: str) -> Resource:
         """Return the resource called *name*."""
         return self.resources[name].to_resource(name)
+
+    @property
+    def id_line(self) -> int | None:
+        """The line of ``id:`` in :attr:`source` (``None``: a generated id, or made in code)."""
+        return self._id_line
 
 
 # -- YAML with line numbers -------------------------------------------------------
@@ -216,26 +229,11 @@ class _TooLarge(Exception):
 
 
 def _parse(path: Path, shown: str) -> tuple[Any, _Located]:
-    def fail(line: int | None, message: str) -> PlanError:
-        return PlanError([PlanProblem(shown, line, "", message)])
-
-    try:
-        size = path.stat().st_size
-        if size > MAX_PLAN_BYTES:
-            raise fail(None, f"file is {size} bytes; plans are limited to {MAX_PLAN_BYTES}")
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise fail(None, "file not found") from None
-    except IsADirectoryError:
-        raise fail(None, "is a folder, not a plan file") from None
-    except UnicodeDecodeError as exc:
-        raise fail(None, f"not UTF-8 text ({exc.reason})") from None
-    except OSError as exc:
-        raise fail(None, f"cannot be read: {exc.strerror}") from None
+    text = _read(path, shown)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         if node is None:
-            raise fail(1, "file is empty; a plan needs 'steps'")
+            raise _unreadable(shown, 1, "file is empty; a plan needs 'steps'")
         located = _Located()
         _walk(node, (), located, set())
         data = yaml.SafeLoader(text).get_single_data()
@@ -243,16 +241,39 @@ def _parse(path: Path, shown: str) -> tuple[Any, _Located]:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
         problem = exc.problem or exc.context or "invalid YAML"
-        raise fail(line, f"YAML: {problem}") from None
+        raise _unreadable(shown, line, f"YAML: {problem}") from None
     except yaml.YAMLError as exc:
-        raise fail(None, f"YAML: {exc}") from None
+        raise _unreadable(shown, None, f"YAML: {exc}") from None
     except RecursionError:
-        raise fail(None, "YAML is nested too deeply") from None
+        raise _unreadable(shown, None, "YAML is nested too deeply") from None
     except _TooLarge:
-        raise fail(None, f"YAML has more than {_MAX_NODES} values") from None
+        raise _unreadable(shown, None, f"YAML has more than {_MAX_NODES} values") from None
     if not isinstance(data, dict):
-        raise fail(1, f"a plan must be a mapping with 'steps', not {type(data).__name__}")
+        problem = f"a plan must be a mapping with 'steps', not {type(data).__name__}"
+        raise _unreadable(shown, 1, problem)
     return data, located
+
+
+def _read(path: Path, shown: str) -> str:
+    """Return the plan file's text, refusing what is too large or not UTF-8 text."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_PLAN_BYTES:
+            problem = f"file is {size} bytes; plans are limited to {MAX_PLAN_BYTES}"
+            raise _unreadable(shown, None, problem)
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise _unreadable(shown, None, "file not found") from None
+    except IsADirectoryError:
+        raise _unreadable(shown, None, "is a folder, not a plan file") from None
+    except UnicodeDecodeError as exc:
+        raise _unreadable(shown, None, f"not UTF-8 text ({exc.reason})") from None
+    except OSError as exc:
+        raise _unreadable(shown, None, f"cannot be read: {exc.strerror}") from None
+
+
+def _unreadable(shown: str, line: int | None, message: str) -> PlanError:
+    return PlanError([PlanProblem(shown, line, "", message)])
 
 
 def _field_name(path: Iterable[Any]) -> str:
@@ -307,6 +328,29 @@ def allowed_roots(plan_path: Path, extra: Iterable[str | os.PathLike[str]] = ())
     return roots
 
 
+class _Problems:
+    """The problems found in one plan file, each placed at its line."""
+
+    def __init__(self, shown: str, data: Any, located: _Located) -> None:
+        self.shown = shown
+        self.data = data
+        self.located = located
+        self.found: list[PlanProblem] = []
+
+    def add(self, where: tuple[Any, ...], message: str) -> None:
+        """Note that the value at *where* is wrong because of *message*."""
+        line = self.located.line_of(where, self.data)
+        self.found.append(PlanProblem(self.shown, line, _field_name(where), message))
+
+    def add_validation(self, exc: ValidationError, prefix: tuple[Any, ...]) -> None:
+        """Note every problem of *exc*, raised validating the value at *prefix*."""
+        self.found += _problems_from(exc, prefix, self.data, self.located, self.shown)
+
+    def error(self) -> PlanError:
+        """Return them as one error, in the order of their lines."""
+        return PlanError(sorted(self.found, key=lambda p: p.line or 0))
+
+
 def load_plan(
     path: str | os.PathLike[str],
     *,
@@ -331,13 +375,21 @@ def load_plan(
     plan_path = Path(path)
     shown = str(path)
     data, located = _parse(plan_path, shown)
-    problems: list[PlanProblem] = []
+    problems = _Problems(shown, data, located)
+    plan = _validate_shape(data, problems)
+    roots = allowed_roots(plan_path, allowed_roots_extra)
+    resources = _check_resources(plan, kinds, plan_path, roots, problems)
+    _check_steps(plan, tools, problems)
+    if problems.found:
+        raise problems.error()
+    plan_id = plan.id or f"{plan_path.stem}-{uuid.uuid4().hex[:8]}"
+    loaded = plan.model_copy(update={"id": plan_id, "resources": resources, "source": shown})
+    loaded._id_line = located.line_of(("id",), data) if plan.id else None
+    return loaded
 
-    def problem(where: tuple[Any, ...], message: str) -> None:
-        problems.append(
-            PlanProblem(shown, located.line_of(where, data), _field_name(where), message)
-        )
 
+def _validate_shape(data: dict[str, Any], problems: _Problems) -> Plan:
+    """Check the plan's own shape (ids, steps, keys); raise with every problem found."""
     # Duplicate ids are found on the raw data too, so they are reported along
     # with any other problem instead of only once the rest is valid.
     seen: set[Any] = set()
@@ -345,68 +397,85 @@ def load_plan(
     for index, raw in enumerate(raw_steps if isinstance(raw_steps, list) else []):
         step_id = raw.get("id") if isinstance(raw, dict) else None
         if isinstance(step_id, str) and step_id in seen:
-            problem(("steps", index, "id"), f"duplicate step id {step_id!r}")
+            problems.add(("steps", index, "id"), f"duplicate step id {step_id!r}")
         seen.add(step_id)
     try:
         plan = Plan.model_validate(data)
     except ValidationError as exc:
-        found = _problems_from(exc, (), data, located, shown)
-        problems += [p for p in found if not p.message.startswith("duplicate step id")]
-        raise PlanError(sorted(problems, key=lambda p: p.line or 0)) from None
-    if problems:
-        raise PlanError(problems)
+        found = _problems_from(exc, (), problems.data, problems.located, problems.shown)
+        problems.found += [p for p in found if not p.message.startswith("duplicate step id")]
+        raise problems.error() from None
+    assert not problems.found, "a duplicate step id always fails Plan's own validation"
+    return plan
 
-    roots = allowed_roots(plan_path, allowed_roots_extra)
+
+def _check_resources(
+    plan: Plan,
+    kinds: ResourceRegistry,
+    plan_path: Path,
+    roots: list[Path],
+    problems: _Problems,
+) -> dict[str, ResourceEntry]:
+    """Check each resource entry against its kind's settings; return them, locations resolved."""
     resources: dict[str, ResourceEntry] = {}
     for name, entry in plan.resources.items():
         handler_cls = kinds.get(entry.kind)
         if handler_cls is None:
             known = ", ".join(kinds) or "none"
-            problem(
+            problems.add(
                 ("resources", name, "kind"),
                 f"unknown resource kind {entry.kind!r} (known: {known})",
             )
             continue
-        options = dict(entry.model_extra or {})
-        for key in PATH_SETTINGS:
-            value = options.get(key)
-            if isinstance(value, str) and value and value != MEMORY:
-                resolved, error = _resolve_location(plan_path, value, roots)
-                if error:
-                    problem(("resources", name, key), error)
-                    continue
-                options[key] = resolved
+        options = _resolved_options(name, entry, plan_path, roots, problems)
         try:
             handler_cls.validate_settings(Resource(name, entry.kind, **options))
         except ValidationError as exc:
-            problems += _problems_from(exc, ("resources", name), data, located, shown)
+            problems.add_validation(exc, ("resources", name))
             continue
         except ValueError as exc:
-            problem(("resources", name), str(exc))
+            problems.add(("resources", name), str(exc))
             continue
         resources[name] = ResourceEntry(kind=entry.kind, **options)
+    return resources
 
+
+def _resolved_options(
+    name: str, entry: ResourceEntry, plan_path: Path, roots: list[Path], problems: _Problems
+) -> dict[str, Any]:
+    """Return the entry's settings with its paths resolved (a refused one is left as written)."""
+    options = dict(entry.model_extra or {})
+    for key in PATH_SETTINGS:
+        value = options.get(key)
+        if isinstance(value, str) and value and value != MEMORY:
+            resolved, error = _resolve_location(plan_path, value, roots)
+            if error:
+                problems.add(("resources", name, key), error)
+                continue
+            options[key] = resolved
+    return options
+
+
+def _check_steps(plan: Plan, tools: Collection[str], problems: _Problems) -> None:
+    """Check that every step names a known resource or tool, of a kind that fits."""
     for index, step in enumerate(plan.steps):
         if step.resource is not None and step.resource not in plan.resources:
             known = ", ".join(sorted(plan.resources)) or "none"
-            problem(
+            problems.add(
                 ("steps", index, "resource"), f"unknown resource {step.resource!r} (known: {known})"
             )
         if step.tool is not None and step.tool not in tools:
             known = ", ".join(sorted(tools)) or "none"
-            problem(("steps", index, "tool"), f"unknown tool {step.tool!r} (registered: {known})")
+            problems.add(
+                ("steps", index, "tool"), f"unknown tool {step.tool!r} (registered: {known})"
+            )
         if step.tool is None and step.resource in plan.resources:
             kind = plan.resources[step.resource].kind
             if kind != "database":
-                problem(
+                problems.add(
                     ("steps", index, "sql" if step.sql else "expect"),
                     f"'sql' and 'expect' need a database resource, not {kind!r}",
                 )
-    if problems:
-        problems.sort(key=lambda p: p.line or 0)
-        raise PlanError(problems)
-    plan_id = plan.id or f"{plan_path.stem}-{uuid.uuid4().hex[:8]}"
-    return plan.model_copy(update={"id": plan_id, "resources": resources, "source": shown})
 
 
 def _resolve_location(plan_path: Path, value: str, roots: list[Path]) -> tuple[str, str | None]:

@@ -37,6 +37,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from cleveragents.errors import CleverAgentsError, ResourceError
+from cleveragents.fds import count_fds, fd_limit
 from cleveragents.resource.base import Resource
 from cleveragents.resource.handlers.database import ENGINES, DatabaseResourceHandler
 
@@ -78,6 +79,19 @@ class StressOptions:
     handler_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_counts()
+        self._check_engine()
+        if self.fd_limit is not None:
+            import resource as rlimit
+
+            hard = rlimit.getrlimit(rlimit.RLIMIT_NOFILE)[1]
+            if hard != rlimit.RLIM_INFINITY and self.fd_limit > hard:
+                raise ValueError(
+                    f"fd_limit {self.fd_limit} is above this process's hard limit ({hard})"
+                )
+
+    def _check_counts(self) -> None:
+        """Refuse counts, durations and ratios out of their range."""
         if self.writers < 1:
             raise ValueError(f"writers must be at least 1, got {self.writers}")
         if self.readers < 0:
@@ -94,6 +108,9 @@ class StressOptions:
             raise ValueError(f"fail_ratio must be between 0 and 1, got {self.fail_ratio}")
         if self.sample_interval <= 0:
             raise ValueError(f"sample_interval must be more than 0, got {self.sample_interval}")
+
+    def _check_engine(self) -> None:
+        """Refuse an unknown engine, and a database option of the other engine."""
         if self.engine not in ENGINES:
             known = ", ".join(sorted(ENGINES))
             raise ValueError(f"unknown engine {self.engine!r} (known: {known})")
@@ -103,14 +120,6 @@ class StressOptions:
             raise ValueError(f"--engine {self.engine} needs --dsn")
         if self.engine != "sqlite" and self.db is not None:
             raise ValueError(f"--db is for SQLite; --engine {self.engine} takes --dsn")
-        if self.fd_limit is not None:
-            import resource as rlimit
-
-            hard = rlimit.getrlimit(rlimit.RLIMIT_NOFILE)[1]
-            if hard != rlimit.RLIM_INFINITY and self.fd_limit > hard:
-                raise ValueError(
-                    f"fd_limit {self.fd_limit} is above this process's hard limit ({hard})"
-                )
 
     @property
     def fd_bound(self) -> int:
@@ -245,16 +254,6 @@ class _PlannedFailure(Exception):
     """Raised inside a writer plan that is meant to fail and be rolled back."""
 
 
-def count_fds() -> int:
-    """Return how many file descriptors this process has open."""
-    for folder in ("/proc/self/fd", "/dev/fd"):
-        try:
-            return len(os.listdir(folder))
-        except OSError:
-            continue
-    return -1
-
-
 def _is_integrity_error(exc: BaseException) -> bool:
     # DB-API drivers all name the class of constraint violations IntegrityError.
     return any(cls.__name__ == "IntegrityError" for cls in type(exc).__mro__)
@@ -268,22 +267,6 @@ def resources(options: StressOptions, location: str | None) -> tuple[Resource, R
         return writer, reader
     writer = Resource("stress", "database", engine=options.engine, dsn=options.dsn)
     return writer, writer
-
-
-@contextmanager
-def _fd_limit(limit: int | None) -> Iterator[None]:
-    """Lower this process's soft RLIMIT_NOFILE to *limit* for the block, then restore it."""
-    if limit is None:
-        yield
-        return
-    import resource as rlimit
-
-    soft, hard = rlimit.getrlimit(rlimit.RLIMIT_NOFILE)
-    rlimit.setrlimit(rlimit.RLIMIT_NOFILE, (limit, hard))
-    try:
-        yield
-    finally:
-        rlimit.setrlimit(rlimit.RLIMIT_NOFILE, (soft, hard))
 
 
 class _Harness:
@@ -591,7 +574,7 @@ def run_stress(
     report = StressReport(options=options, database=str(shown))
     writer, reader = resources(options, location)
     try:
-        with _fd_limit(options.fd_limit):
+        with fd_limit(options.fd_limit):
             asyncio.run(_Harness(options, report, writer, reader, progress).run())
     finally:
         if folder is not None:
@@ -784,7 +767,6 @@ __all__ = [
     "StressOptions",
     "StressReport",
     "check_resource",
-    "count_fds",
     "exit_status",
     "print_report",
     "plot_problem",

@@ -23,6 +23,7 @@ import logging
 import threading
 import typing
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from types import TracebackType
@@ -47,7 +48,10 @@ except ImportError as exc:
         "pip install 'cleveragents[agents]'"
     ) from exc
 
-from cleveragents.errors import ResourceError, ToolError
+from cleveragents._run_spans import closes_plan_span, opens_plan_span
+from cleveragents.errors import PartialCommitError, PlanError, PlanProblem, ResourceError, ToolError
+from cleveragents.integrations._agent_verdict import NO_FINAL_OUTPUT, Verdict
+from cleveragents.integrations._common import ToolRollback
 from cleveragents.resource.base import Resource
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
 
@@ -55,8 +59,17 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-Outcome = Literal["released", "rolled_back"]
+#: What became of the plan's work: all committed, all rolled back, or (a commit
+#: failing after another database's succeeded) part of it committed.
+Outcome = Literal["released", "rolled_back", "partial_commit"]
 _State = Literal["new", "open", "closing", "finished"]
+
+#: The AgentPlans open on each handler, by plan id: two open at once under one id
+#: would share one transaction in the handler.
+_OPEN: weakref.WeakKeyDictionary[DatabaseResourceHandler, dict[str, AgentPlan]] = (
+    weakref.WeakKeyDictionary()
+)
+_OPEN_LOCK = threading.Lock()
 
 #: The plan_tool call the current task or thread is running on behalf of. Set
 #: only inside a call (asyncio.to_thread copies it into the call's thread), so
@@ -64,20 +77,6 @@ _State = Literal["new", "open", "closing", "finished"]
 _CURRENT_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar(
     "cleveragents_plan_tool_call", default=None
 )
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ToolRollback:
-    """A tool call that failed and was rolled back to the checkpoint taken before it."""
-
-    #: The checkpoint's label, ``tool-1``, ``tool-2``, ... in the order calls ran.
-    checkpoint: str
-    #: The tool's name as the model knows it.
-    tool: str
-    #: The model's id for the call, if the SDK gave one.
-    call_id: str | None
-    #: What went wrong, e.g. ``"ValueError: out of stock"``.
-    error: str
 
 
 class _Call:
@@ -146,8 +145,11 @@ class AgentPlan:
         self.plan_id = plan_id
         self.resources = tuple(by_name.values())
         self.data = data
-        #: ``"released"`` or ``"rolled_back"`` once the ``async with`` block has ended.
+        #: ``"released"``, ``"rolled_back"`` or ``"partial_commit"`` once the block has ended.
         self.outcome: Outcome | None = None
+        #: The resources whose work was committed, in commit order (all the plan used
+        #: when released, those committed before a commit failed after a partial commit).
+        self.committed: tuple[str, ...] = ()
         #: Why the plan was rolled back (``None`` when it was released or is still open).
         self.rollback_reason: str | None = None
         #: The tool calls that raised and were rolled back to their checkpoints, in order.
@@ -159,16 +161,13 @@ class AgentPlan:
         self._gate = threading.Condition()
         self._state: _State = "new"
         self._lent = 0
-        self._poison: BaseException | None = None
-        self._poison_reported = False
+        self._verdict = Verdict()
+        # Resource names the plan has work on; only tool calls add to it, one at a time.
+        self._used: set[str] = set()
         # The rest is only touched on the event loop.
         self._turn = asyncio.Lock()
         self._calls: set[asyncio.Task[Any]] = set()
         self._labels = itertools.count(1)
-        self._doom: str | None = None
-        self._final_output_seen = False
-        self._awaiting_output = False
-        self._tools_since_model = False
         self._streams: list[RunResultStreaming] = []
         self._exit_cancelled = False
         self._hooks = _PlanHooks(self)
@@ -195,9 +194,15 @@ class AgentPlan:
         ``error_handlers`` given here are combined with the plan's own.
         """
         self._check_open("run()")
-        result = await Runner.run(starting_agent, input, **self._run_options(options))
+        options = self._run_options(options)
+        try:
+            result = await Runner.run(starting_agent, input, **options)
+        except BaseException as exc:
+            # Output guardrails raise after the hooks saw the final output.
+            self._verdict.run_raised(exc)
+            raise
         if result.interruptions:
-            self._doom_with("the run stopped at an approval interruption")
+            self._verdict.doom_with("the run stopped at an approval interruption")
         return result
 
     def run_streamed(
@@ -237,9 +242,9 @@ class AgentPlan:
                 raise ToolError(
                     f"agent plan {self.plan_id!r} has no resource {resource!r} (known: {known})"
                 )
-            if self._poison is not None:
+            if self._verdict.poison is not None:
                 # The handler already ended the plan's work: going on would open a new one.
-                raise self._poison
+                raise self._verdict.poison
             self._lent += 1
         try:
             with ExitStack() as stack:
@@ -248,6 +253,7 @@ class AgentPlan:
                 except BaseException as exc:
                     self._poison_with(exc)
                     raise
+                self._used.add(resource)
                 yield conn
         finally:
             with self._gate:
@@ -256,13 +262,16 @@ class AgentPlan:
 
     # -- the plan's lifetime ----------------------------------------------------------
 
+    @opens_plan_span
     async def __aenter__(self) -> AgentPlan:
         with self._gate:
             if self._state != "new":
                 raise RuntimeError(f"agent plan {self.plan_id!r} was already entered")
+            self._claim_plan_id()
             self._state = "open"
         return self
 
+    @closes_plan_span
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
@@ -271,9 +280,45 @@ class AgentPlan:
     ) -> None:
         with self._gate:
             self._state = "closing"  # no new tool call starts from now on
+        try:
+            await self._wait_for_runs()
+            self.rollback_reason = self._verdict.reason_to_roll_back(exc)
+            if self.rollback_reason == NO_FINAL_OUTPUT:
+                logger.warning(
+                    "agent plan %r saw no final output; pass hooks=plan.hooks to the Runner, "
+                    "or use plan.run()",
+                    self.plan_id,
+                )
+            failure = await self._end_in_handler()
+        finally:
+            with self._gate:
+                self._state = "finished"
+            self._free_plan_id()
+        self._raise_at_exit(exc, failure)
+
+    def _claim_plan_id(self) -> None:
+        """Take the plan id on the handler; call with ``_gate`` held."""
+        with _OPEN_LOCK:
+            open_here = _OPEN.setdefault(self._handler, {})
+            if self.plan_id in open_here:
+                problem = (
+                    f"another AgentPlan with this id is open on handler {self._handler.name!r}; "
+                    "plans open at once need different ids (leave plan_id out to get a fresh one)"
+                )
+                raise PlanError(
+                    [PlanProblem(f"AgentPlan {self.plan_id!r}", None, "plan_id", problem)]
+                )
+            open_here[self.plan_id] = self
+
+    def _free_plan_id(self) -> None:
+        with _OPEN_LOCK:
+            del _OPEN[self._handler][self.plan_id]  # taken by _claim_plan_id on entering
+
+    async def _wait_for_runs(self) -> None:
+        """Stop streamed runs still going, then wait for every run and tool call to end."""
         for stream in self._streams:
             if not stream.is_complete:
-                self._doom_with("the streamed run was still going when the plan ended")
+                self._verdict.doom_with("the streamed run was still going when the plan ended")
                 stream.cancel()
         runs = [stream.run_loop_task for stream in self._streams if stream.run_loop_task]
         # Wait for every call still running, even through cancellation: a sync
@@ -285,14 +330,28 @@ class AgentPlan:
             lent = self._lent
         if lent:
             await self._uninterrupted(asyncio.to_thread(self._wait_until_returned))
-        if any(stream.interruptions for stream in self._streams):
-            self._doom_with("the run stopped at an approval interruption")
-        self.rollback_reason = self._reason_to_roll_back(exc)
+        for stream in self._streams:
+            # A stream keeps what its run raised (an output guardrail, say) for the
+            # one who reads its events, who may have caught it.
+            raised = stream.run_loop_exception or getattr(stream, "_stored_exception", None)
+            if raised is not None:
+                self._verdict.run_raised(raised)
+            if stream.interruptions:
+                self._verdict.doom_with("the run stopped at an approval interruption")
+
+    async def _end_in_handler(self) -> ResourceError | None:
+        """Release or roll back the plan's work; return the error releasing raised, if any."""
         failure: ResourceError | None = None
         if self.rollback_reason is None:
             try:
                 await self._uninterrupted(self._handler.arelease_plan(self.plan_id))
                 self.outcome = "released"
+                self.committed = tuple(r.name for r in self.resources if r.name in self._used)
+            except PartialCommitError as error:
+                self.rollback_reason = f"releasing it failed: {error}"
+                self.outcome = "partial_commit"
+                self.committed = tuple(error.committed)
+                failure = error
             except ResourceError as error:
                 self.rollback_reason = f"releasing it failed: {error}"
                 failure = error
@@ -303,17 +362,20 @@ class AgentPlan:
                 # Expired, evicted or closed: its work is already undone.
                 logger.debug("rolling back agent plan %r: %s", self.plan_id, error)
             self.outcome = "rolled_back"
-        with self._gate:
-            self._state = "finished"
         if self.outcome == "released":
             logger.debug("agent plan %r released", self.plan_id)
         else:
-            logger.info("agent plan %r rolled back: %s", self.plan_id, self.rollback_reason)
+            logger.info("agent plan %r %s: %s", self.plan_id, self.outcome, self.rollback_reason)
+        return failure
+
+    def _raise_at_exit(self, exc: BaseException | None, failure: ResourceError | None) -> None:
+        """Raise what the block's end must report: a failed release, an unreported poison."""
         if failure is not None:
             raise failure
-        if exc is None and self._poison is not None and not self._poison_reported:
+        verdict = self._verdict
+        if exc is None and verdict.poison is not None and not verdict.poison_reported:
             # The run never stopped on it (no model call came after): say it here.
-            raise self._poison
+            raise verdict.poison
         if self._exit_cancelled and not isinstance(exc, asyncio.CancelledError):
             raise asyncio.CancelledError
 
@@ -358,6 +420,7 @@ class AgentPlan:
             try:
                 for resource in self.resources:
                     await self._handler.acreate_checkpoint(resource, self.plan_id, call.checkpoint)
+                    self._used.add(resource.name)
             except BaseException as exc:
                 self._poison_with(exc)
                 raise
@@ -371,8 +434,8 @@ class AgentPlan:
             if call.abandoned:
                 await self._undo(call, None)
                 return None
-            if self._poison is not None:
-                raise self._poison
+            if self._verdict.poison is not None:
+                raise self._verdict.poison
             return result
 
     async def _call_function(
@@ -398,7 +461,7 @@ class AgentPlan:
 
     async def _undo(self, call: _Call, error: BaseException | None) -> None:
         """Roll a failed or abandoned call back to its checkpoint on every resource."""
-        if self._poison is not None:
+        if self._verdict.poison is not None:
             return  # the whole plan is rolled back when it ends
         try:
             for resource in self.resources:
@@ -422,7 +485,7 @@ class AgentPlan:
     def _refuse_call(self, tool: str) -> None:
         """Raise unless a new tool call may start now."""
         with self._gate:
-            state, poison = self._state, self._poison
+            state, poison = self._state, self._verdict.poison
         if poison is not None:
             raise poison
         if state != "open":
@@ -435,7 +498,8 @@ class AgentPlan:
     def _poison_with(self, exc: BaseException) -> None:
         """Remember the first handler error of a tool call: the plan can only roll back now."""
         with self._gate:
-            self._poison = self._poison or exc  # the first one is what the run reports
+            # The first one is what the run reports.
+            self._verdict.poison = self._verdict.poison or exc
         logger.warning(
             "agent plan %r: %s during a tool call; the run stops and everything is rolled back",
             self.plan_id,
@@ -471,57 +535,21 @@ class AgentPlan:
     def _before_model_call(self) -> None:
         """Stop the run here if the plan cannot be released any more."""
         with self._gate:
-            state, poison = self._state, self._poison
+            state, poison = self._state, self._verdict.poison
         if poison is not None:
-            self._poison_reported = True
+            self._verdict.poison_reported = True
             raise poison
         if state != "open":
             raise RuntimeError(
                 f"agent plan {self.plan_id!r} is {'not entered' if state == 'new' else 'ending'}; "
                 "run the agent inside its 'async with' block"
             )
-        if self._doom is not None:
+        if self._verdict.doom is not None:
             raise RuntimeError(
-                f"agent plan {self.plan_id!r} will be rolled back ({self._doom}); "
+                f"agent plan {self.plan_id!r} will be rolled back ({self._verdict.doom}); "
                 "start a new AgentPlan for a new run"
             )
-        self._awaiting_output = True
-
-    def _agent_ended(self, agent: Any) -> None:
-        """Note a final output; one right after tool calls did not come from the model."""
-        self._awaiting_output = False
-        if self._tools_since_model and getattr(agent, "tool_use_behavior", None) == (
-            "run_llm_again"
-        ):
-            # The model must answer after tool calls; only a run error handler
-            # (max turns) can end the run here.
-            self._doom_with("max turns exceeded: an error handler made the final output")
-        else:
-            self._final_output_seen = True
-
-    def _doom_with(self, reason: str) -> None:
-        if self._doom is None:
-            self._doom = reason
-
-    def _reason_to_roll_back(self, exc: BaseException | None) -> str | None:
-        if isinstance(exc, asyncio.CancelledError):
-            return "the run was cancelled"
-        if exc is not None:
-            return f"the block raised {type(exc).__name__}: {exc}"
-        if self._poison is not None:
-            return f"a tool call hit {type(self._poison).__name__}: {self._poison}"
-        if self._doom is not None:
-            return self._doom
-        if self._awaiting_output:
-            return "the run ended without a final output (cancelled or stopped)"
-        if not self._final_output_seen:
-            logger.warning(
-                "agent plan %r saw no final output; pass hooks=plan.hooks to the Runner, "
-                "or use plan.run()",
-                self.plan_id,
-            )
-            return "no run returned a final output"
-        return None
+        self._verdict.awaiting_output = True
 
     def _run_options(self, options: dict[str, Any]) -> dict[str, Any]:
         if "context" in options:
@@ -529,7 +557,10 @@ class AgentPlan:
                 "the plan is the run's context; pass your own data as AgentPlan(..., data=...)"
             )
         options["context"] = self
-        options["hooks"] = _PlanHooks(self, options.get("hooks"))
+        theirs = options.get("hooks")
+        if isinstance(theirs, _PlanHooks) and theirs._plan is self:
+            theirs = theirs._forward  # plan.hooks passed along: they are these hooks
+        options["hooks"] = _PlanHooks(self, theirs, sees_the_end=True)
         options["run_config"] = self._run_config(options.get("run_config"))
         handlers = options.get("error_handlers")
         if handlers and "max_turns" in handlers:
@@ -556,7 +587,9 @@ class AgentPlan:
 
     def _on_max_turns(self, handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
         def on_max_turns(data: Any) -> Any:
-            self._doom_with("max turns exceeded: the max_turns error handler made the final output")
+            self._verdict.doom_with(
+                "max turns exceeded: the max_turns error handler made the final output"
+            )
             return handler(data)
 
         return on_max_turns
@@ -565,9 +598,13 @@ class AgentPlan:
 class _PlanHooks(RunHooks[Any]):
     """Run hooks of an AgentPlan, passing every event on to the caller's own hooks."""
 
-    def __init__(self, plan: AgentPlan, forward: RunHooks[Any] | None = None) -> None:
+    def __init__(
+        self, plan: AgentPlan, forward: RunHooks[Any] | None = None, *, sees_the_end: bool = False
+    ) -> None:
         self._plan = plan
         self._forward = forward
+        #: Whether the plan started the run itself and so sees whether it raised.
+        self._sees_the_end = sees_the_end
 
     async def on_llm_start(
         self, context: Any, agent: Any, system_prompt: Any, input_items: Any
@@ -577,17 +614,17 @@ class _PlanHooks(RunHooks[Any]):
             await self._forward.on_llm_start(context, agent, system_prompt, input_items)
 
     async def on_llm_end(self, context: Any, agent: Any, response: Any) -> None:
-        self._plan._tools_since_model = False
+        self._plan._verdict.tools_since_model = False
         if self._forward is not None:
             await self._forward.on_llm_end(context, agent, response)
 
     async def on_agent_start(self, context: Any, agent: Any) -> None:
-        self._plan._awaiting_output = True
+        self._plan._verdict.awaiting_output = True
         if self._forward is not None:
             await self._forward.on_agent_start(context, agent)
 
     async def on_agent_end(self, context: Any, agent: Any, output: Any) -> None:
-        self._plan._agent_ended(agent)
+        self._plan._verdict.agent_ended(agent, sees_the_end=self._sees_the_end)
         if self._forward is not None:
             await self._forward.on_agent_end(context, agent, output)
 
@@ -600,7 +637,7 @@ class _PlanHooks(RunHooks[Any]):
             await self._forward.on_tool_start(context, agent, tool)
 
     async def on_tool_end(self, context: Any, agent: Any, tool: Any, result: Any) -> None:
-        self._plan._tools_since_model = True
+        self._plan._verdict.tools_since_model = True
         if self._forward is not None:
             await self._forward.on_tool_end(context, agent, tool, result)
 

@@ -8,14 +8,12 @@ import functools
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from types import MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar, Self, final
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self, final
 
-from cleveragents.hookspecs import hookimpl
+from cleveragents._markers import hookimpl
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
-
-    from cleveragents.plan import Plan
 
 _SECRET_KEYS = frozenset({"dsn", "password"})
 
@@ -135,6 +133,19 @@ def make_checkpoint_result(
     return result
 
 
+class PlanLike(Protocol):
+    """What a handler reads of a plan in the plan events: its id.
+
+    :class:`cleveragents.plan.Plan` is one; the handler layer names this
+    instead, so it does not depend on the plan model (which depends on it).
+    """
+
+    @property
+    def id(self) -> str:
+        """The plan's id, the key of its work in every handler."""
+        ...
+
+
 class ResourceHandler(abc.ABC):
     """Serves one resource kind to plans: their connections, checkpoints and outcome.
 
@@ -211,11 +222,11 @@ class ResourceHandler(abc.ABC):
         self.close()
 
     @hookimpl
-    def cleveragents_plan_completed(self, plan: Plan) -> None:
+    def cleveragents_plan_completed(self, plan: PlanLike) -> None:
         """Commit the completed plan's work."""
         self.release_plan(plan.id)
 
     @hookimpl
-    def cleveragents_plan_failed(self, plan: Plan) -> None:
+    def cleveragents_plan_failed(self, plan: PlanLike) -> None:
         """Roll back the failed plan's work."""
         self.rollback_plan(plan.id)

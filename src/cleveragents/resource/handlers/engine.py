@@ -134,7 +134,20 @@ class Engine(abc.ABC):
         """Whether *conn* has no open transaction and can be lent to another plan."""
 
     def check_committable(self, conn: Any) -> str | None:
-        """Return why committing *conn* now would lose work, or ``None`` if it is fine."""
+        """Return why committing *conn* now would lose work, or ``None`` if it is fine.
+
+        The handler asks it of every database a plan holds before the first COMMIT.
+        """
+        return self.transaction_lost(conn)
+
+    def transaction_lost(self, conn: Any) -> str | None:
+        """Return why the plan's transaction on *conn* is gone, or ``None`` while it lasts.
+
+        A statement of the plan can end it (SQLite's ``OR ROLLBACK``), and so can
+        the server. The handler asks after each ``connection()`` block and
+        ``execute()``, and when a plan comes back to a database it holds; an
+        answer poisons the plan: nothing of it is committed anywhere.
+        """
         return None
 
     @abc.abstractmethod

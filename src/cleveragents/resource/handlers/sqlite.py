@@ -1,10 +1,14 @@
-"""SQLite specifics: opening connections, pragmas, BEGIN and savepoints."""
+"""SQLite specifics: opening connections, pragmas, BEGIN and savepoints.
+
+The connection lent to a plan, and what keeps the plan inside its transaction
+and the next plan free of it, live in ``_sqlite_connection``.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-import secrets
 import sqlite3
 import threading
 import time
@@ -15,53 +19,31 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cleveragents.durations import Duration
 from cleveragents.errors import ResourceError
-from cleveragents.resource.handlers.engine import (
-    OWNS_TRANSACTION,
-    Engine,
-    Outcome,
-    PlanConnectionMixin,
+from cleveragents.resource.handlers._sqlite_connection import (
+    CLOSED,
+    GUARD_REFS,
+    LOST,
+    OWN,
+    PlanConnection,
+    PlanCursor,
+    driver_execute,
+    getrefcount,
+    refusal,
 )
+from cleveragents.resource.handlers.engine import Engine, Outcome
+
+logger = logging.getLogger(__name__)
 
 MEMORY = ":memory:"
 _BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
-
-# The handler's own statements carry this per-process tag. sqlite3 caches
-# prepared statements by their text, and SQLite consults the authorizer only
-# when a statement is prepared: without the tag, a plan's "COMMIT" could reuse
-# the handler's cached, already-authorized one.
-_OWN = f"/* cleveragents {secrets.token_hex(8)} */ "
-_BEGIN_IMMEDIATE = _OWN + "BEGIN IMMEDIATE"
-_BEGIN_DEFERRED = _OWN + "BEGIN DEFERRED"
-_COMMIT = _OWN + "COMMIT"
-_ROLLBACK = _OWN + "ROLLBACK"
-# What a plan's SQL may not do: end or split the plan's transaction, or open
-# other database files (ATTACH would escape the allowed folders).
-_FILES = "a plan reaches databases only through its resources"
-_SETTINGS = "connection settings come from the resource and must not outlive the plan"
-_REFUSED = {
-    sqlite3.SQLITE_TRANSACTION: ("BEGIN, COMMIT, END or ROLLBACK", OWNS_TRANSACTION),
-    sqlite3.SQLITE_SAVEPOINT: ("SAVEPOINT, RELEASE or ROLLBACK TO", OWNS_TRANSACTION),
-    sqlite3.SQLITE_ATTACH: ("ATTACH", _FILES),
-    sqlite3.SQLITE_DETACH: ("DETACH", _FILES),
-}
-# Setting these would outlive the plan on a pooled connection, or undo the
-# resource's settings; reading them is fine.
-_CONNECTION_PRAGMAS = frozenset(
-    {
-        "busy_timeout",
-        "cache_size",
-        "foreign_keys",
-        "journal_mode",
-        "locking_mode",
-        "mmap_size",
-        "query_only",
-        "recursive_triggers",
-        "synchronous",
-        "temp_store",
-        "trusted_schema",
-        "writable_schema",
-    }
-)
+# BEGIN IMMEDIATE on a connection still reading an older snapshot (a statement
+# left open on it): it can never succeed there, so the connection is replaced.
+_BUSY_SNAPSHOT = 517
+# The handler's own statements, tagged (see OWN).
+_BEGIN_IMMEDIATE = OWN + "BEGIN IMMEDIATE"
+_BEGIN_DEFERRED = OWN + "BEGIN DEFERRED"
+_COMMIT = OWN + "COMMIT"
+_ROLLBACK = OWN + "ROLLBACK"
 
 
 class SQLiteSettings(BaseModel):
@@ -97,44 +79,6 @@ class SQLiteSettings(BaseModel):
         description="Roll the plan back after it sat idle this long "
         "(default: the handler's, 300s).",
     )
-
-
-class PlanConnection(PlanConnectionMixin, sqlite3.Connection):
-    """A plan's connection: an ``sqlite3.Connection`` whose transaction the handler owns.
-
-    An authorizer refuses, in any statement the plan runs, what would end the
-    plan's transaction (``COMMIT``, ``ROLLBACK``, ``RELEASE``...), attach other
-    files, or change connection settings that would outlive the plan;
-    ``commit()``, ``rollback()`` and ``with conn:`` are refused too.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.refused: tuple[str, str] | None = None  # what the authorizer last refused, why
-        self.set_authorizer(self._authorize)
-
-    def _authorize(
-        self, action: int, arg1: str | None, arg2: str | None, db: str | None, trigger: str | None
-    ) -> int:
-        if self.handler_statement:
-            return sqlite3.SQLITE_OK
-        refused = _REFUSED.get(action)
-        setting = action == sqlite3.SQLITE_PRAGMA and arg2 is not None
-        if refused is None and setting and (arg1 or "").lower() in _CONNECTION_PRAGMAS:
-            refused = (f"PRAGMA {arg1} = ...", _SETTINGS)
-        if refused is None:
-            return sqlite3.SQLITE_OK
-        self.refused = refused
-        return sqlite3.SQLITE_DENY
-
-
-def _refusal(conn: PlanConnection) -> ResourceError | None:
-    """Turn the authorizer's last refusal into the error a plan author can act on."""
-    refused, conn.refused = conn.refused, None
-    if refused is None:
-        return None
-    what, why = refused
-    return ResourceError(f"plans may not run {what}: {why}")
 
 
 class SQLiteEngine(Engine):
@@ -176,13 +120,14 @@ class SQLiteEngine(Engine):
             check_same_thread=False,
             factory=PlanConnection,
         )
+        conn.memory = settings.location == MEMORY
         try:
-            conn.own(f"{_OWN}PRAGMA synchronous = {settings.synchronous}")
-            conn.own(f"{_OWN}PRAGMA foreign_keys = {'ON' if settings.foreign_keys else 'OFF'}")
+            conn.own(f"{OWN}PRAGMA synchronous = {settings.synchronous}")
+            conn.own(f"{OWN}PRAGMA foreign_keys = {'ON' if settings.foreign_keys else 'OFF'}")
             if settings.location != MEMORY:
                 self._set_journal_mode(conn, settings)
         except BaseException:
-            conn.close()
+            sqlite3.Connection.close(conn)
             raise
         return conn
 
@@ -196,7 +141,7 @@ class SQLiteEngine(Engine):
             deadline = time.monotonic() + settings.busy_timeout
             while True:
                 try:
-                    conn.own(f"{_OWN}PRAGMA journal_mode = {settings.journal_mode}")
+                    conn.own(f"{OWN}PRAGMA journal_mode = {settings.journal_mode}")
                     break
                 except sqlite3.OperationalError as exc:
                     # Another program holds the lock: SQLite's busy handler does not
@@ -209,22 +154,58 @@ class SQLiteEngine(Engine):
             self._journal_ready.add(key)
 
     def begin(self, conn: PlanConnection, settings: SQLiteSettings, *, plan_id: str) -> None:
-        conn.own(_BEGIN_IMMEDIATE if settings.lock == "immediate" else _BEGIN_DEFERRED)
+        try:
+            conn.own(_BEGIN_IMMEDIATE if settings.lock == "immediate" else _BEGIN_DEFERRED)
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorcode", None) == _BUSY_SNAPSHOT:
+                conn.unfit = "a statement left open on it holds an old snapshot"
+            raise
+        # What lending the connection means, inline: this is on every plan's path.
+        conn.lent = True
+        conn.lost = False
+        conn.generation += 1
 
     def savepoint(self, conn: PlanConnection, name: str) -> None:
-        conn.own(f'{_OWN}SAVEPOINT "{name}"')
+        # In autocommit mode SAVEPOINT would begin a new transaction, which the
+        # handler would then take for the plan's and commit. (A driver error, so
+        # the handler names the plan, checkpoint and database.)
+        if not conn.in_transaction:
+            raise sqlite3.OperationalError(LOST)
+        conn.own(f'{OWN}SAVEPOINT "{name}"')
 
     def rollback_to(self, conn: PlanConnection, name: str) -> None:
-        conn.own(f'{_OWN}ROLLBACK TO "{name}"')
+        if not conn.in_transaction:
+            raise sqlite3.OperationalError(LOST)
+        conn.own(f'{OWN}ROLLBACK TO "{name}"')
 
     def commit(self, conn: PlanConnection) -> None:
+        if conn._handles:
+            conn.close_handles()  # a statement still open would make COMMIT fail as busy
         conn.own(_COMMIT)
+        if conn.memory:
+            self._reset_memory(conn)
 
     def rollback(self, conn: PlanConnection) -> None:
+        if conn._handles:
+            conn.close_handles()
         # A failed statement (e.g. an interrupt) can already have ended the
         # transaction; ROLLBACK would then fail with "no transaction is active".
         if conn.in_transaction:
             conn.own(_ROLLBACK)
+        if conn.memory:
+            self._reset_memory(conn)
+
+    def _reset_memory(self, conn: PlanConnection) -> None:
+        """Put back what a plan left on a ``:memory:`` connection, which the handler keeps.
+
+        The handler never checks such a connection in (its database would go
+        with it), so the reset :meth:`is_clean` does happens here.
+        """
+        if not self.is_clean(conn):
+            logger.warning("a plan left something behind on a ':memory:' database it shares")
+        if conn._unguarded or not conn._guard_intact():
+            conn._expire_statements()  # the guard back, for the plans after this one
+            conn._unguarded = False
 
     def execute(
         self,
@@ -232,24 +213,41 @@ class SQLiteEngine(Engine):
         sql: str,
         params: Mapping[str, Any] | Sequence[Any] | None,
     ) -> list[tuple[Any, ...]]:
+        trouble = conn.trouble()
+        if trouble is not None:
+            raise ResourceError(f"{trouble}; nothing more runs on it")
         conn.refused = None
         try:
-            cursor = conn.execute(sql, params if params is not None else ())
+            cursor = driver_execute(conn, sql, params if params is not None else ())
         except sqlite3.DatabaseError:
-            refusal = _refusal(conn)
-            if refusal is not None:
-                raise refusal from None
+            refused = refusal(conn)
+            if refused is not None:
+                raise refused from None
             raise
         try:
             return cursor.fetchall()
         finally:
             cursor.close()
 
+    def transaction_lost(self, conn: PlanConnection) -> str | None:
+        try:
+            # The answer on every plan's path, without a call: still inside, still guarded.
+            if conn.in_transaction and getrefcount(conn._guard) == GUARD_REFS:
+                return None
+            return conn.trouble()
+        except sqlite3.ProgrammingError:  # closed by sqlite3.Connection.close(conn)
+            return CLOSED
+
+    check_committable = transaction_lost
+
     def is_clean(self, conn: PlanConnection) -> bool:
-        return not conn.in_transaction
+        try:
+            return conn.back_to_pool()
+        except sqlite3.Error:  # closed, or a reset failed: it cannot be trusted
+            return False
 
     def close(self, conn: PlanConnection) -> None:
-        conn.close()
+        sqlite3.Connection.close(conn)
 
     def interrupt(self, conn: PlanConnection) -> None:
         # Closed meanwhile (its plan ended): nothing runs there to interrupt.
@@ -265,4 +263,4 @@ class SQLiteEngine(Engine):
         return "other"
 
 
-__all__ = ["MEMORY", "PlanConnection", "SQLiteEngine", "SQLiteSettings"]
+__all__ = ["LOST", "MEMORY", "PlanConnection", "PlanCursor", "SQLiteEngine", "SQLiteSettings"]

@@ -1,0 +1,1 @@
+"""Unit tests of the handler's parts (pool, plan table, turnstile): no database, no sleeps."""
