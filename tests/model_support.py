@@ -62,6 +62,9 @@ FAMILIES: dict[str, str] = {
     "pg-libpq": "conn.pgconn.exec_(): SQL sent through libpq directly (issue 10 item 2)",
     "pg-close": "close() of the lent connection",
     # -- endings and errors (no statement of their own: the contract's outcome) --
+    "poison-plan-wide": "a poisoned plan's next call raises on every database, also one it "
+    "had not touched yet (DESIGN 4; off: such a call may open a transaction there, which "
+    "the release throws away)",
     "pg-aborted-release": "release of a plan whose PostgreSQL lease is aborted commits "
     "nothing on any database (issue 10 item 5)",
     "pg-busy-in-block": "a lock timeout inside a connection() block raises ResourceBusyError "

@@ -216,6 +216,10 @@ def attempt(action: Callable[[], Any]) -> Outcome:
 
 ENTERED = "entered"
 POISONED = "poisoned"
+# A poisoned plan's call on a database it did not hold when poisoned: the
+# contract says it raises (family "poison-plan-wide"); main lets it open a new
+# transaction there, which the plan's release then throws away.
+POISONED_ELSEWHERE = "poisoned, another database"
 _PG_BUSY = frozenset({"55P03", "40P01", "40001"})
 
 
@@ -477,7 +481,9 @@ class HandlerModel(RuleBasedStateMachine):
         """What getting *plan_id*'s lease on *db* may do: go on, or which error."""
         plan = self.plans.get(plan_id)
         if plan is not None and plan.poisoned:
-            return {POISONED}
+            if db.name in plan.held or "poison-plan-wide" in ENABLED:
+                return {POISONED}
+            return {POISONED_ELSEWHERE}
         if plan is not None and db.name in plan.leases:
             return {ENTERED}
         live = sum(len(p.leases) for p in self.plans.values() if not p.poisoned)
@@ -498,9 +504,14 @@ class HandlerModel(RuleBasedStateMachine):
                 outcomes.add(ENTERED)
         return outcomes
 
-    def _entered(self, step: str, expected: set[Any], got: Outcome, db: Database) -> bool:
+    def _entered(
+        self, step: str, expected: set[Any], got: Outcome, db: Database, plan_id: str
+    ) -> bool:
         """Check an operation's outcome against what entering could do; True if it got in."""
         exc = got.exc
+        if POISONED_ELSEWHERE in expected:
+            self.plans[plan_id].held.add(db.name)  # whatever it did there is thrown away
+            return False
         if POISONED in expected:
             assert isinstance(exc, ResourceError), (
                 f"{step}: the plan is poisoned, so every call must raise ResourceError, "
@@ -610,7 +621,7 @@ class HandlerModel(RuleBasedStateMachine):
         expected = self._predict_enter(plan_id, db)
         handler = self.handler
         got = attempt(lambda: handler.execute(db.resource, plan_id, sql.text, sql.bound()))
-        if not self._entered(step, expected, got, db):
+        if not self._entered(step, expected, got, db, plan_id):
             return
         new = self._is_new(plan_id, db)
         lease = self._lease(plan_id, db)
@@ -641,8 +652,11 @@ class HandlerModel(RuleBasedStateMachine):
         except Exception as error:
             exc = error
         if not entered:
-            if self._entered(step, expected, Outcome(exc=exc), db):
+            if self._entered(step, expected, Outcome(exc=exc), db, plan_id):
                 raise AssertionError(f"{step}: entering the block {Outcome(exc=exc)}")
+            return
+        if POISONED_ELSEWHERE in expected:
+            self.plans[plan_id].held.add(db.name)
             return
         assert ENTERED in expected, f"{step}: expected {expected}, but the block was entered"
         new = self._is_new(plan_id, db)
@@ -760,7 +774,7 @@ class HandlerModel(RuleBasedStateMachine):
         expected = self._predict_enter(plan_id, db)
         handler = self.handler
         got = attempt(lambda: handler.create_checkpoint(db.resource, plan_id, label))
-        if not self._entered(step, expected, got, db):
+        if not self._entered(step, expected, got, db, plan_id):
             return
         existed = not self._is_new(plan_id, db)
         lease = self._lease(plan_id, db)
