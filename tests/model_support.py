@@ -268,7 +268,8 @@ def pg_ordinary() -> list[st.SearchStrategy[Sql]]:
             _fixed(
                 "SELECT current_setting('lock_timeout'), current_setting('statement_timeout'), "
                 "current_setting('work_mem'), current_setting('default_transaction_read_only'), "
-                "current_setting('cleveragents_model.flag', true)",
+                # A custom setting once set stays defined as '' in its session.
+                "coalesce(current_setting('cleveragents_model.flag', true), '')",
                 "SELECT set_config('cleveragents_model.flag', 'local', true)",
                 "SET LOCAL statement_timeout = '5s'",
                 "SELECT relname FROM pg_class WHERE relnamespace = pg_my_temp_schema() "
