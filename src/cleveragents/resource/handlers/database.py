@@ -607,10 +607,9 @@ class DatabaseResourceHandler(EndingMixin, ResourceHandler):
         known: tuple[Resource, Resolved] | None,
         create: bool,
     ) -> tuple[Lease | None, bool]:
-        """Find the plan's lease on *resource*'s database, or make it; hold the mutex.
+        """Find the plan's lease on *resource*'s database, or make it (locked); hold the mutex.
 
-        A new lease is returned locked, with an idle connection and a free
-        write turn if both are at hand (:meth:`_ready` waits for the rest).
+        A new lease gets an idle connection and a free write turn if both are at hand.
         """
         if self._closed:
             raise HandlerClosedError(self.name)
@@ -624,8 +623,9 @@ class DatabaseResourceHandler(EndingMixin, ResourceHandler):
             if plan is not None:
                 plan.last_used = now
             return lease, False
-        ttl = resolved.ttl
-        opens_plan = plan is None
+        if plan is not None and plan.poisoned is not None:  # on any database it touches next
+            raise _poisoned_error(plan, resource.name, operation)
+        ttl, opens_plan = resolved.ttl, plan is None
         # Armed first: should the reaper fail to start, nothing is made.
         if plan is None:
             self._arm_plan_sweep(now + ttl)
