@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -150,3 +152,36 @@ def handler(
 ) -> DatabaseResourceHandler:
     """Return a handler with small limits, closed after the test (before its databases go)."""
     return make_handler(max_connections=4, acquire_timeout=2.0)
+
+
+class Worker(threading.Thread):
+    """A daemon thread that keeps what its target returned or raised."""
+
+    def __init__(self, target: Callable[[], Any]) -> None:
+        super().__init__(daemon=True)
+        self._call = target
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self._call()
+        except BaseException as exc:
+            self.error = exc
+
+    def finish(self, timeout: float = 20.0) -> Any:
+        """Wait for the thread; return what its target returned, or raise what it raised."""
+        self.join(timeout)
+        assert not self.is_alive(), "worker did not finish"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll *condition* until it holds; fail the test after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout}s")
+        time.sleep(0.01)

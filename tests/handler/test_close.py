@@ -13,23 +13,9 @@ from cleveragents.errors import HandlerClosedError
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
 
 from .conftest import Database
+from .conftest import Worker as _Worker
 
 MakeHandler = Callable[..., DatabaseResourceHandler]
-
-
-class _Worker(threading.Thread):
-    """A thread that keeps what its target raised."""
-
-    def __init__(self, target: Callable[[], Any]) -> None:
-        super().__init__(daemon=True)
-        self._call = target
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self._call()
-        except BaseException as exc:
-            self.error = exc
 
 
 def _turn_waiters(handler: DatabaseResourceHandler) -> int:

@@ -12,29 +12,9 @@ from cleveragents.errors import CheckpointEvictedError, PoolExhaustedError
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
 
 from .conftest import Database
+from .conftest import Worker as _Worker
 
 MakeHandler = Callable[..., DatabaseResourceHandler]
-
-
-class _Worker(threading.Thread):
-    """A thread that keeps what its target raised."""
-
-    def __init__(self, target: Callable[[], object]) -> None:
-        super().__init__(daemon=True)
-        self._call = target
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self._call()
-        except BaseException as exc:
-            self.error = exc
-
-    def finish(self, timeout: float = 20.0) -> None:
-        self.join(timeout)
-        assert not self.is_alive(), "worker did not finish"
-        if self.error is not None:
-            raise self.error
 
 
 def _until(condition: Callable[[], bool], timeout: float = 20.0) -> bool:

@@ -13,16 +13,9 @@ from cleveragents.resource import Resource
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
 
 from .conftest import Database
+from .conftest import wait_until as _wait_until
 
 MakeHandler = Callable[..., DatabaseResourceHandler]
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s")
-        time.sleep(0.01)
 
 
 def _reaper_threads(handler: DatabaseResourceHandler) -> list[threading.Thread]:

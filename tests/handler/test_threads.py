@@ -12,29 +12,7 @@ import pytest
 from cleveragents.resource.handlers.database import ENGINES, DatabaseResourceHandler
 
 from .conftest import Database
-
-
-class _Worker(threading.Thread):
-    """A thread that keeps what its target returned or raised."""
-
-    def __init__(self, target: Callable[[], Any]) -> None:
-        super().__init__(daemon=True)
-        self._call = target
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self.result = self._call()
-        except BaseException as exc:
-            self.error = exc
-
-    def finish(self, timeout: float = 20.0) -> Any:
-        self.join(timeout)
-        assert not self.is_alive(), "worker did not finish"
-        if self.error is not None:
-            raise self.error
-        return self.result
+from .conftest import Worker as _Worker
 
 
 @pytest.fixture
