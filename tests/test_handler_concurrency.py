@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from handler.conftest import Worker as _Worker
 
 from cleveragents.errors import (
     ResourceBusyError,
@@ -44,29 +44,6 @@ def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 def _queued(handler: DatabaseResourceHandler) -> int:
     """Return how many plans wait for a write turn (the handler's own queue)."""
     return sum(len(db.turnstile) for db in handler._resolver.databases.values())
-
-
-class _Worker(threading.Thread):
-    """A thread that keeps what its target returned or raised."""
-
-    def __init__(self, target: Callable[[], Any]) -> None:
-        super().__init__(daemon=True)
-        self._call = target
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self.result = self._call()
-        except BaseException as exc:
-            self.error = exc
-
-    def finish(self, timeout: float = 20.0) -> Any:
-        self.join(timeout)
-        assert not self.is_alive(), "worker did not finish"
-        if self.error is not None:
-            raise self.error
-        return self.result
 
 
 # -- one connection per (plan, database) -------------------------------------------
