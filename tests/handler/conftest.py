@@ -132,18 +132,10 @@ def db(make_db: Callable[[str], Database]) -> Database:
 @pytest.fixture
 def make_handler(
     make_db: Callable[[str], Database],
-) -> Iterator[Callable[..., DatabaseResourceHandler]]:
-    """Return a factory of handlers, each closed after the test (before its databases go)."""
-    made: list[DatabaseResourceHandler] = []
-
-    def factory(**options: Any) -> DatabaseResourceHandler:
-        handler = DatabaseResourceHandler(**options)
-        made.append(handler)
-        return handler
-
-    yield factory
-    for handler in made:
-        handler.close()
+    make_handler: Callable[..., DatabaseResourceHandler],
+) -> Callable[..., DatabaseResourceHandler]:
+    """Return tests/conftest.py's factory, set up after make_db: its handlers close first."""
+    return make_handler
 
 
 @pytest.fixture
