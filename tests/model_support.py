@@ -679,6 +679,9 @@ class SQLiteReference:
         self.observer = sqlite3.connect(path, isolation_level=None, timeout=5)
         self.observer.execute("PRAGMA synchronous = off")
         self._seen: tuple[int, dict[str, Any]] | None = None
+        # Cursors a tool kept past its block, by connection: like the handler's,
+        # they stay open (and keep their statement) until the plan ends.
+        self._kept: dict[int, list[sqlite3.Cursor]] = {}
 
     @staticmethod
     def create(path: str) -> None:
@@ -717,9 +720,11 @@ class SQLiteReference:
         conn.execute(f'ROLLBACK TO "{name}"')
 
     def commit(self, conn: sqlite3.Connection) -> None:
+        self._close_kept(conn)
         conn.execute("COMMIT")
 
     def rollback(self, conn: sqlite3.Connection) -> None:
+        self._close_kept(conn)
         if conn.in_transaction:
             conn.execute("ROLLBACK")
 
@@ -740,12 +745,17 @@ class SQLiteReference:
         return conn.execute(sql.text, params if params is not None else ()).fetchall()
 
     def act(self, conn: Any, act: Act) -> list[Any]:
-        return run_sqlite_act(conn, act, kept=None)
+        return run_sqlite_act(conn, act, kept=self._kept.setdefault(id(conn), []))
+
+    def _close_kept(self, conn: Any) -> None:
+        for cursor in self._kept.pop(id(conn), ()):
+            cursor.close()
 
     def fingerprint(self, conn: Any, *, lent: bool = False) -> Any:
         return sqlite_fingerprint(conn, lent=lent)
 
     def close(self, conn: Any) -> None:
+        self._close_kept(conn)
         conn.close()
 
     def write_outside(self, sql: str) -> None:
@@ -892,7 +902,7 @@ def _upper(value: Any) -> str:
 
 
 def _keep_cursor(conn: Any, act: Act, kept: list[Any] | None) -> None:
-    if kept is not None:  # the reference keeps nothing past the block
+    if kept is not None:
         cursor = conn.execute(act.text)
         cursor.fetchone()
         kept.append(cursor)

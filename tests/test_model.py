@@ -725,6 +725,10 @@ class HandlerModel(RuleBasedStateMachine):
         probe = attempt(lambda: handler.execute(db.resource, plan_id, "SELECT 1"))
         if isinstance(probe.exc, ResourceError):
             event(f"{db.engine}: hostile, poisoned")
+            if got.exc is None:
+                # It ran around the guard, and what it did stays done (a COMMIT
+                # through libpq commits the plan's work so far): so by hand too.
+                attempt(run)
             self._poison(plan_id, db)
             return
         probe_step = f"{step}, then execute({plan_id!r}, {db.name!r}, 'SELECT 1')"
@@ -939,3 +943,31 @@ def test_handler_matches_sqlite_and_postgresql_by_hand() -> None:
 
 def test_every_enabled_family_is_known() -> None:
     assert not HOSTILE_FAMILIES - set(FAMILIES), sorted(HOSTILE_FAMILIES - set(FAMILIES))
+
+
+@pytest.mark.skipif(
+    not os.environ.get(PG_VARIABLE),
+    reason=f'needs {PG_VARIABLE}: eval "$(scripts/pg-test-server start)"',
+)
+def test_work_committed_around_the_guard_stays_committed_in_the_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The case CI's run found: a COMMIT through libpq commits the plan's DELETE.
+
+    The handler poisons the plan, but it cannot take back what the server
+    committed; the model must commit it by hand too, not roll it back.
+    """
+    pytest.importorskip("psycopg")
+    monkeypatch.setattr(sys.modules[__name__], "event", lambda *args, **kwargs: None)
+    state = HandlerModelWithPostgreSQL()
+    try:
+        state.setup(max_connections=8)
+        state.connection_pg(acts=(Act("sql", "DELETE FROM items WHERE k = 1"),), plan="p0")
+        state.committed_contents_agree()
+        state.connection_pg(acts=(Act("libpq", "COMMIT", family="pg-libpq", txn=True),), plan="p0")
+        state.committed_contents_agree()
+        assert state.dbs["pg"].view.snapshot()["items"] == []
+        state.rollback_plan("p0")
+        state.committed_contents_agree()
+    finally:
+        state.teardown()
