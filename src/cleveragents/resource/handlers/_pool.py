@@ -83,7 +83,8 @@ class ConnectionPool:
     def put_idle(self, database: Any, conn: Any, config: Hashable, now: float) -> bool:
         """Keep *conn* for reuse; return whether it is the only idle one (arm the sweep)."""
         self._idle[id(conn)] = Idle(database, conn, config, now)
-        self.wake()
+        if self.waiters:  # self.wake(), inline: every plan's check-in comes here
+            self._slot_freed.notify()
         return len(self._idle) == 1
 
     def sweep(self, now: float) -> tuple[list[Idle], float | None]:
