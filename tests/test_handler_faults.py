@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from engine_faults import EngineFaults, error_context, nothing_lent
 
 from cleveragents.errors import (
     ResourceBusyError,
@@ -18,48 +19,13 @@ from cleveragents.errors import (
 )
 from cleveragents.resource import Resource
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
-from cleveragents.resource.handlers.sqlite import SQLiteEngine
 
 MakeHandler = Callable[..., DatabaseResourceHandler]
 
 
-class _Faults:
-    """Make methods of SQLiteEngine fail on demand; counts the failures it caused."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self._monkeypatch = monkeypatch
-        self.raised: list[str] = []
-
-    def fail(
-        self,
-        method: str,
-        error: BaseException | None = None,
-        *,
-        when: Callable[..., bool] = lambda *args: True,
-        after_real_call: bool = False,
-    ) -> None:
-        """Make ``SQLiteEngine.<method>`` raise *error* whenever ``when(*args)`` holds."""
-        real = getattr(SQLiteEngine, method)
-        raised = self.raised
-        failure = error or sqlite3.OperationalError(f"disk I/O error in {method}")
-
-        def failing(engine: SQLiteEngine, *args: Any, **kwargs: Any) -> Any:
-            if not when(*args):
-                return real(engine, *args, **kwargs)
-            if after_real_call:
-                real(engine, *args, **kwargs)
-            raised.append(method)
-            raise failure
-
-        self._monkeypatch.setattr(SQLiteEngine, method, failing)
-
-    def restore(self) -> None:
-        self._monkeypatch.undo()
-
-
 @pytest.fixture
-def faults(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Faults]:
-    made = _Faults(monkeypatch)
+def faults(monkeypatch: pytest.MonkeyPatch) -> Iterator[EngineFaults]:
+    made = EngineFaults("sqlite", monkeypatch)
     yield made
     made.restore()
 
@@ -71,20 +37,6 @@ def _database(path: Path, name: str = "db", **options: Any) -> Resource:
 def _insert(handler: DatabaseResourceHandler, resource: Resource, plan_id: str, value: str) -> None:
     with handler.connection(resource, plan_id) as conn:
         conn.execute("INSERT INTO t VALUES (?)", (value,))
-
-
-def _nothing_lent(handler: DatabaseResourceHandler, *, plans: int = 0) -> None:
-    """Check that *plans* plans are open and no connection is lent to a plan that is not."""
-    stats = handler.stats()
-    assert stats.active_plans == plans
-    if plans == 0:
-        assert stats.open_connections == stats.idle_connections
-        assert stats.checkpoints == 0
-
-
-def _context(error: BaseException) -> tuple[Any, ...]:
-    assert isinstance(error, ResourceError)
-    return (error.plan_id, error.checkpoint_id, error.resource, error.operation)
 
 
 # -- open, begin, close ------------------------------------------------------------------------
@@ -104,7 +56,7 @@ def test_a_real_pragma_failure_while_opening_closes_the_new_connection(
     assert info.value.operation == "open"
     assert isinstance(info.value.__cause__, sqlite3.DatabaseError)
     assert fd_count() == baseline
-    _nothing_lent(handler)
+    nothing_lent(handler)
 
 
 def test_a_lock_held_by_another_program_is_busy(
@@ -121,10 +73,10 @@ def test_a_lock_held_by_another_program_is_busy(
             handler.create_checkpoint(resource, "p1", "a")
         error = info.value
         assert error.holder is None
-        assert _context(error) == ("p1", "a", "db", "create_checkpoint")
+        assert error_context(error) == ("p1", "a", "db", "create_checkpoint")
         assert isinstance(error.__cause__, sqlite3.OperationalError)
         assert "database is locked" in str(error.__cause__)
-        _nothing_lent(handler)
+        nothing_lent(handler)
         stats = handler.stats()
         assert stats.busy_timeouts == 1
     finally:
@@ -147,12 +99,12 @@ def test_bad_resource_settings_are_a_resource_error(handler: DatabaseResourceHan
     assert (info.value.plan_id, info.value.resource) == ("p1", "db")
     with pytest.raises(TypeError):
         handler.create_checkpoint("db", "p1", "a")  # type: ignore[arg-type]
-    _nothing_lent(handler)
+    nothing_lent(handler)
     assert handler.stats().open_connections == 0
 
 
 def test_a_memory_database_whose_rollback_fails_starts_empty(
-    handler: DatabaseResourceHandler, faults: _Faults
+    handler: DatabaseResourceHandler, faults: EngineFaults
 ) -> None:
     memory = _database(Path(":memory:"), "scratch")
     handler.execute(memory, "setup", "CREATE TABLE m (v TEXT)")

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from engine_faults import EngineFaults, error_context, make_driver_error, nothing_lent
 from fakes import RecordingSubscriber
 
 from cleveragents.errors import (
@@ -34,56 +35,9 @@ from .conftest import Database
 MakeHandler = Callable[..., DatabaseResourceHandler]
 
 
-def _driver_error(engine: str, message: str, *, busy: bool = False) -> BaseException:
-    """Return an error of *engine*'s driver: an I/O failure, or a lock wait (*busy*)."""
-    if engine == "sqlite":
-        return sqlite3.OperationalError("database is locked" if busy else message)
-    errors = pytest.importorskip("psycopg").errors
-    return errors.LockNotAvailable(message) if busy else errors.DiskFull(message)
-
-
-class _Faults:
-    """Make methods of the engine under test fail on demand; counts the failures it caused."""
-
-    def __init__(self, engine: str, monkeypatch: pytest.MonkeyPatch) -> None:
-        self._engine = engine
-        self._class = ENGINES[engine]
-        self._monkeypatch = monkeypatch
-        self.raised: list[str] = []
-
-    def error(self, message: str) -> BaseException:
-        return _driver_error(self._engine, message)
-
-    def fail(
-        self,
-        method: str,
-        error: BaseException | None = None,
-        *,
-        when: Callable[..., bool] = lambda *args: True,
-        after_real_call: bool = False,
-    ) -> None:
-        """Make ``<Engine>.<method>`` raise *error* whenever ``when(*args)`` holds."""
-        real = getattr(self._class, method)
-        raised = self.raised
-        failure = error or self.error(f"disk I/O error in {method}")
-
-        def failing(engine: Any, *args: Any, **kwargs: Any) -> Any:
-            if not when(*args):
-                return real(engine, *args, **kwargs)
-            if after_real_call:
-                real(engine, *args, **kwargs)
-            raised.append(method)
-            raise failure
-
-        self._monkeypatch.setattr(self._class, method, failing)
-
-    def restore(self) -> None:
-        self._monkeypatch.undo()
-
-
 @pytest.fixture
-def faults(engine: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[_Faults]:
-    made = _Faults(engine, monkeypatch)
+def faults(engine: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[EngineFaults]:
+    made = EngineFaults(engine, monkeypatch)
     yield made
     made.restore()
 
@@ -106,27 +60,13 @@ def _insert(handler: DatabaseResourceHandler, resource: Resource, plan_id: str, 
         return conn
 
 
-def _nothing_lent(handler: DatabaseResourceHandler, *, plans: int = 0) -> None:
-    """Check that *plans* plans are open and no connection is lent to a plan that is not."""
-    stats = handler.stats()
-    assert stats.active_plans == plans
-    if plans == 0:
-        assert stats.open_connections == stats.idle_connections
-        assert stats.checkpoints == 0
-
-
-def _context(error: BaseException) -> tuple[Any, ...]:
-    assert isinstance(error, ResourceError)
-    return (error.plan_id, error.checkpoint_id, error.resource, error.operation)
-
-
 # -- savepoints ------------------------------------------------------------------------
 
 
 def test_a_failing_first_savepoint_leaves_nothing_behind(
     handler: DatabaseResourceHandler,
     db: Database,
-    faults: _Faults,
+    faults: EngineFaults,
     driver_error: type[BaseException],
 ) -> None:
     faults.fail("savepoint")
@@ -134,10 +74,10 @@ def test_a_failing_first_savepoint_leaves_nothing_behind(
         handler.create_checkpoint(db.resource(), "p1", "before")
     error = info.value
     assert type(error) is ResourceError
-    assert _context(error) == ("p1", "before", "db", "create_checkpoint")
+    assert error_context(error) == ("p1", "before", "db", "create_checkpoint")
     assert isinstance(error.__cause__, driver_error)
     assert "disk I/O error in savepoint" in str(error)
-    _nothing_lent(handler)
+    nothing_lent(handler)
     faults.restore()
     # The write turn (SQLite) was given back: another plan gets it at once.
     quick = db.resource(busy_timeout=0.1)
@@ -145,7 +85,7 @@ def test_a_failing_first_savepoint_leaves_nothing_behind(
 
 
 def test_a_failing_later_savepoint_keeps_the_plan(
-    handler: DatabaseResourceHandler, db: Database, faults: _Faults
+    handler: DatabaseResourceHandler, db: Database, faults: EngineFaults
 ) -> None:
     resource = db.resource()
     handler.create_checkpoint(resource, "p1", "first")
@@ -153,7 +93,7 @@ def test_a_failing_later_savepoint_keeps_the_plan(
     faults.fail("savepoint")
     with pytest.raises(ResourceError) as info:
         handler.create_checkpoint(resource, "p1", "second")
-    assert _context(info.value) == ("p1", "second", "db", "create_checkpoint")
+    assert error_context(info.value) == ("p1", "second", "db", "create_checkpoint")
     faults.restore()
     assert handler.stats().checkpoints == 1
     handler.create_checkpoint(resource, "p1", "second")  # the label was never taken
@@ -162,18 +102,18 @@ def test_a_failing_later_savepoint_keeps_the_plan(
 
 
 def test_a_non_driver_error_in_a_savepoint_passes_through_unwrapped(
-    handler: DatabaseResourceHandler, db: Database, faults: _Faults
+    handler: DatabaseResourceHandler, db: Database, faults: EngineFaults
 ) -> None:
     faults.fail("savepoint", MemoryError("out of memory"))
     with pytest.raises(MemoryError):
         handler.create_checkpoint(db.resource(), "p1", "a")
-    _nothing_lent(handler)
+    nothing_lent(handler)
 
 
 def test_rollback_to_failing_keeps_the_plan_and_its_checkpoints(
     handler: DatabaseResourceHandler,
     db: Database,
-    faults: _Faults,
+    faults: EngineFaults,
     driver_error: type[BaseException],
 ) -> None:
     resource = db.resource()
@@ -183,10 +123,10 @@ def test_rollback_to_failing_keeps_the_plan_and_its_checkpoints(
     faults.fail("rollback_to")
     with pytest.raises(ResourceError) as info:
         handler.rollback_to(resource, "p1", "first")
-    assert _context(info.value) == ("p1", "first", "db", "rollback_to")
+    assert error_context(info.value) == ("p1", "first", "db", "rollback_to")
     assert isinstance(info.value.__cause__, driver_error)
     faults.restore()
-    _nothing_lent(handler, plans=1)
+    nothing_lent(handler, plans=1)
     assert handler.stats().checkpoints == 2
     handler.rollback_to(resource, "p1", "second")
     handler.release_plan("p1")
@@ -199,7 +139,7 @@ def test_rollback_to_failing_keeps_the_plan_and_its_checkpoints(
 def test_a_failing_commit_rolls_the_plan_back(
     handler: DatabaseResourceHandler,
     db: Database,
-    faults: _Faults,
+    faults: EngineFaults,
     driver_error: type[BaseException],
 ) -> None:
     resource = db.resource()
@@ -210,11 +150,11 @@ def test_a_failing_commit_rolls_the_plan_back(
         handler.release_plan("p1")
     error = info.value
     assert type(error) is ResourceError
-    assert _context(error) == ("p1", None, "db", "commit")
+    assert error_context(error) == ("p1", None, "db", "commit")
     assert isinstance(error.__cause__, driver_error)
     faults.restore()
     assert db.rows() == []
-    _nothing_lent(handler)
+    nothing_lent(handler)
     stats = handler.stats()
     assert (stats.commits, stats.rollbacks) == (0, 1)
     handler.release_plan("p1")  # it is gone: nothing to do
@@ -223,7 +163,7 @@ def test_a_failing_commit_rolls_the_plan_back(
 def test_a_commit_failing_on_the_second_database_is_a_partial_commit(
     handler: DatabaseResourceHandler,
     make_db: Callable[[str], Database],
-    faults: _Faults,
+    faults: EngineFaults,
     driver_error: type[BaseException],
 ) -> None:
     databases = [make_db(name) for name in ("first", "second", "third")]
@@ -236,16 +176,16 @@ def test_a_commit_failing_on_the_second_database_is_a_partial_commit(
         handler.release_plan("p1")
     error = info.value
     assert error.committed == ["first"]
-    assert _context(error) == ("p1", None, "second", "commit")
+    assert error_context(error) == ("p1", None, "second", "commit")
     assert "['first'] were committed" in str(error)
     assert type(error.__cause__) is ResourceError
     assert isinstance(error.__cause__.__cause__, driver_error)
     assert [database.rows() for database in databases] == [["into first"], [], []]
-    _nothing_lent(handler)
+    nothing_lent(handler)
 
 
 def test_a_failed_commit_is_reported_as_a_failed_plan(
-    db: Database, engine: str, faults: _Faults
+    db: Database, engine: str, faults: EngineFaults
 ) -> None:
     listener = RecordingSubscriber("listener")
     pm = get_plugin_manager(load_entry_points=False)
@@ -281,11 +221,11 @@ def test_a_plan_that_was_never_committable_is_rolled_back(
         handler.release_plan("p1")
     assert info.value.operation == "commit"
     assert db.rows() == []
-    _nothing_lent(handler)
+    nothing_lent(handler)
 
 
 def test_a_non_driver_error_while_committing_still_rolls_back(
-    handler: DatabaseResourceHandler, db: Database, faults: _Faults
+    handler: DatabaseResourceHandler, db: Database, faults: EngineFaults
 ) -> None:
     _insert(handler, db.resource(), "p1", "never committed")
     faults.fail("commit", RuntimeError("the driver broke"))
@@ -293,7 +233,7 @@ def test_a_non_driver_error_while_committing_still_rolls_back(
         handler.release_plan("p1")
     faults.restore()
     assert db.rows() == []
-    _nothing_lent(handler)
+    nothing_lent(handler)
 
 
 # -- rollback --------------------------------------------------------------------------------
@@ -303,7 +243,7 @@ def test_a_failing_rollback_closes_the_connection(
     handler: DatabaseResourceHandler,
     db: Database,
     engine: str,
-    faults: _Faults,
+    faults: EngineFaults,
     driver_error: type[BaseException],
     file_fds: Callable[..., int],
 ) -> None:
@@ -313,7 +253,7 @@ def test_a_failing_rollback_closes_the_connection(
     faults.fail("rollback")
     with pytest.raises(ResourceError) as info:
         handler.rollback_plan("p1")
-    assert _context(info.value) == ("p1", None, "db", "rollback")
+    assert error_context(info.value) == ("p1", None, "db", "rollback")
     assert isinstance(info.value.__cause__, driver_error)
     faults.restore()
     stats = handler.stats()
@@ -327,7 +267,7 @@ def test_a_failing_rollback_during_a_failed_commit(
     handler: DatabaseResourceHandler,
     db: Database,
     engine: str,
-    faults: _Faults,
+    faults: EngineFaults,
     file_fds: Callable[..., int],
 ) -> None:
     _insert(handler, db.resource(), "p1", "never committed")
@@ -347,7 +287,7 @@ def test_a_rollback_failing_while_abandoning_a_new_lease(
     handler: DatabaseResourceHandler,
     db: Database,
     engine: str,
-    faults: _Faults,
+    faults: EngineFaults,
     file_fds: Callable[..., int],
 ) -> None:
     faults.fail("savepoint")
@@ -365,7 +305,7 @@ def test_a_rollback_failing_while_abandoning_a_new_lease(
 def test_close_goes_on_when_a_rollback_fails(
     db: Database,
     make_db: Callable[[str], Database],
-    faults: _Faults,
+    faults: EngineFaults,
     caplog: pytest.LogCaptureFixture,
     fd_count: Callable[..., int],
 ) -> None:
@@ -389,7 +329,7 @@ def test_the_reaper_survives_a_failing_rollback(
     handler: DatabaseResourceHandler,
     db: Database,
     make_db: Callable[[str], Database],
-    faults: _Faults,
+    faults: EngineFaults,
 ) -> None:
     other = make_db("other")
     failing: list[Any] = []
@@ -407,7 +347,7 @@ def test_the_reaper_survives_a_failing_rollback(
     assert handler.stats().reaped == 2
     assert db.rows() == []
     assert other.rows() == []
-    _nothing_lent(handler)
+    nothing_lent(handler)
 
 
 # -- open, SQL, close ------------------------------------------------------------------------
@@ -418,34 +358,34 @@ def test_a_failing_open_frees_its_slot(
     make_handler: MakeHandler,
     db: Database,
     engine: str,
-    faults: _Faults,
+    faults: EngineFaults,
     busy: bool,
     expected: type[ResourceError],
 ) -> None:
     handler = make_handler(max_connections=1, acquire_timeout="100ms")
-    error = _driver_error(engine, "unable to open database file", busy=busy)
+    error = make_driver_error(engine, "unable to open database file", busy=busy)
     faults.fail("open", error)
     with pytest.raises(ResourceError) as info:
         handler.create_checkpoint(db.resource(), "p1", "a")
     assert type(info.value) is expected
-    assert _context(info.value) == ("p1", None, "db", "open")
+    assert error_context(info.value) == ("p1", None, "db", "open")
     assert info.value.__cause__ is error
     assert handler.stats().open_connections == 0
-    _nothing_lent(handler)
+    nothing_lent(handler)
     faults.restore()
     handler.create_checkpoint(db.resource(), "p2", "a")  # the one slot is free: no waiting
     assert handler.stats().wait_timeouts == 0
 
 
 def test_a_non_driver_error_while_opening_passes_through_and_frees_the_slot(
-    make_handler: MakeHandler, db: Database, faults: _Faults
+    make_handler: MakeHandler, db: Database, faults: EngineFaults
 ) -> None:
     handler = make_handler(max_connections=1, acquire_timeout="100ms")
     faults.fail("open", KeyError("surprise"))
     with pytest.raises(KeyError):
         handler.create_checkpoint(db.resource(), "p1", "a")
     faults.restore()
-    _nothing_lent(handler)
+    nothing_lent(handler)
     assert handler.stats().open_connections == 0
     handler.create_checkpoint(db.resource(), "p2", "a")
 
@@ -454,7 +394,7 @@ def test_a_locked_error_from_sql_is_busy_but_other_sql_errors_stay_the_drivers(
     handler: DatabaseResourceHandler,
     db: Database,
     engine: str,
-    faults: _Faults,
+    faults: EngineFaults,
     driver_error: type[BaseException],
 ) -> None:
     resource = db.resource()
@@ -463,10 +403,10 @@ def test_a_locked_error_from_sql_is_busy_but_other_sql_errors_stay_the_drivers(
     assert not isinstance(missing.value, ResourceError)
     if engine == "postgresql":
         handler.rollback_plan("p1")  # PostgreSQL aborted the transaction: start afresh
-    faults.fail("execute", _driver_error(engine, "lock wait", busy=True))
+    faults.fail("execute", make_driver_error(engine, "lock wait", busy=True))
     with pytest.raises(ResourceBusyError) as info:
         handler.execute(resource, "p1", "SELECT 1")
-    assert _context(info.value) == ("p1", None, "db", "execute")
+    assert error_context(info.value) == ("p1", None, "db", "execute")
     faults.restore()
     assert handler.execute(resource, "p1", "SELECT count(*) FROM t") == [(0,)]
     handler.rollback_plan("p1")
@@ -476,7 +416,7 @@ def test_close_failures_are_counted(
     make_handler: MakeHandler,
     db: Database,
     engine: str,
-    faults: _Faults,
+    faults: EngineFaults,
     caplog: pytest.LogCaptureFixture,
     file_fds: Callable[..., int],
 ) -> None:
@@ -511,10 +451,10 @@ def test_a_label_used_twice_leaves_the_plan_as_it_was(
     handler.create_checkpoint(resource, "p1", "a")
     with pytest.raises(CheckpointError) as info:
         handler.create_checkpoint(resource, "p1", "a")
-    assert _context(info.value) == ("p1", "a", "db", "create_checkpoint")
+    assert error_context(info.value) == ("p1", "a", "db", "create_checkpoint")
     assert handler.stats().checkpoints == 1
     handler.rollback_plan("p1")
-    _nothing_lent(handler)
+    nothing_lent(handler)
 
 
 @pytest.mark.parametrize(
@@ -527,4 +467,4 @@ def test_bad_labels_are_refused_before_anything_happens(
     with pytest.raises(ValueError):
         handler.create_checkpoint(db.resource(), plan_id, checkpoint_id)
     assert handler.stats().open_connections == 0
-    _nothing_lent(handler)
+    nothing_lent(handler)
