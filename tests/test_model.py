@@ -174,6 +174,10 @@ class ModelPlan:
     poisoned: bool = False
     #: For a poisoned plan: the databases whose connection the handler may still hold.
     held: set[str] = dataclasses.field(default_factory=set)
+    #: For a poisoned plan: its PostgreSQL transactions by hand on the databases other
+    #: than the one that poisoned it. The handler keeps those open, with their row
+    #: locks, until the plan ends; so does the model, and then rolls them back.
+    still_open: list[tuple[str, RefLease]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -422,7 +426,7 @@ class HandlerModel(RuleBasedStateMachine):
             if self.handler.stats().open_connections != 0:
                 problems.append(f"after close(): {self.handler.stats()}")
         for plan in self.plans.values():
-            for name, lease in plan.leases.items():
+            for name, lease in [*plan.leases.items(), *plan.still_open]:
                 try:
                     self.dbs[name].reference.rollback(lease.conn)
                 except Exception as exc:  # a tool closed it, say: still a problem
@@ -440,7 +444,7 @@ class HandlerModel(RuleBasedStateMachine):
     def _clean_up(self) -> None:
         """Close every connection of the model's own, drop its schemas and files."""
         for plan in self.plans.values():
-            for lease in plan.leases.values():
+            for lease in [*plan.leases.values(), *(lease for _, lease in plan.still_open)]:
                 lease.conn.close()
         self.plans.clear()
         self.kept.clear()
@@ -754,16 +758,32 @@ class HandlerModel(RuleBasedStateMachine):
         self._compare(probe_step, probe, reference_probe, db, "execute")
 
     def _poison(self, plan_id: str, db: Database) -> None:
-        """The handler poisoned the plan: the reference throws all of its work away."""
+        """The handler poisoned the plan: the reference throws all of its work away.
+
+        Work on the database that poisoned it ends now. A PostgreSQL transaction
+        elsewhere stays open, holding its row locks, until the plan ends, as the
+        handler's does; it is never committed.
+        """
         plan = self.plans[plan_id]
         plan.poisoned = True
         plan.held = set(plan.leases) | {db.name}
         for name, lease in plan.leases.items():
             reference = self.dbs[name].reference
+            if name != db.name and reference.engine == "postgresql":
+                plan.still_open.append((name, lease))
+                continue
             if reference.in_transaction(lease.conn):
                 reference.rollback(lease.conn)
             reference.close(lease.conn)
         plan.leases = {}
+
+    def _end_poisoned(self, plan: ModelPlan) -> None:
+        """A poisoned plan ended: roll back by hand what it still held open."""
+        for name, lease in plan.still_open:
+            reference = self.dbs[name].reference
+            reference.rollback(lease.conn)
+            reference.close(lease.conn)
+        plan.still_open = []
 
     def _create_checkpoint(self, plan_id: str, db: Database, label: str) -> None:
         assert self.handler is not None
@@ -833,6 +853,7 @@ class HandlerModel(RuleBasedStateMachine):
             assert got.exc is None, f"{step}: the plan has no open work, but it {got}"
             return
         if plan.poisoned:
+            self._end_poisoned(plan)
             exc = got.exc
             assert isinstance(exc, ResourceError) and not (
                 isinstance(exc, PartialCommitError) and exc.committed
@@ -884,6 +905,7 @@ class HandlerModel(RuleBasedStateMachine):
         got = attempt(lambda: self.handler.rollback_plan(plan_id))  # type: ignore[union-attr]
         plan = self.plans.pop(plan_id, None)
         if plan is not None and plan.poisoned:
+            self._end_poisoned(plan)
             assert got.exc is None or isinstance(got.exc, ResourceError), f"{step}: {got}"
             return
         assert got.exc is None, f"{step}: it {got}"
@@ -968,6 +990,44 @@ def test_work_committed_around_the_guard_stays_committed_in_the_model(
         state.committed_contents_agree()
         assert state.dbs["pg"].view.snapshot()["items"] == []
         state.rollback_plan("p0")
+        state.committed_contents_agree()
+    finally:
+        state.teardown()
+
+
+@pytest.mark.skipif(
+    not os.environ.get(PG_VARIABLE),
+    reason=f'needs {PG_VARIABLE}: eval "$(scripts/pg-test-server start)"',
+)
+def test_a_poisoned_plan_keeps_its_row_locks_until_it_ends_in_the_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A plan poisoned on SQLite still holds its PostgreSQL row locks until it ends.
+
+    The handler never commits that work, but rolls it back only when the plan
+    ends: until then another plan's INSERT of the deleted key waits for the lock
+    (busy), not a duplicate-key error; after the rollback it is a duplicate key.
+    """
+    pytest.importorskip("psycopg")
+    monkeypatch.setattr(sys.modules[__name__], "event", lambda *args, **kwargs: None)
+    insert = (Act("sql", "INSERT INTO items (k, v) VALUES (1, 'a')"),)
+    state = HandlerModelWithPostgreSQL()
+    try:
+        state.setup(max_connections=8)
+        state.connection_pg(acts=(Act("sql", "DELETE FROM items WHERE k = 1"),), plan="p1")
+        state.execute_sqlite(
+            db="a",
+            plan="p1",
+            sql=Sql(
+                "INSERT OR ROLLBACK INTO items (k, v) VALUES (1, 'a')",
+                family="sqlite-or-rollback",
+            ),
+        )
+        assert state.plans["p1"].poisoned
+        state.connection_pg(acts=insert, plan="p0")
+        state.rollback_plan("p1")
+        state.connection_pg(acts=insert, plan="p0")
+        state.release_plan("p0")
         state.committed_contents_agree()
     finally:
         state.teardown()
