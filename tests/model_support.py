@@ -600,7 +600,8 @@ def statements(
     enabled: Iterable[str],
 ) -> st.SearchStrategy[Sql]:
     """Ordinary statements most of the time, a hostile one of an enabled family now and then."""
-    chosen = [strategy for name in enabled if name in hostile for strategy in hostile[name]]
+    # Sorted: a set's order changes with PYTHONHASHSEED, and so would the examples.
+    chosen = [strategy for name in sorted(enabled) for strategy in hostile.get(name, [])]
     plain = st.one_of(ordinary)
     if not chosen:
         return plain
@@ -644,8 +645,10 @@ def block_actions(
     enabled family has one).
     """
     plain = st.one_of(without_params(ordinary)).map(as_act)
-    hostile = [strategy.map(as_act) for name in enabled for strategy in hostile_sql.get(name, [])]
-    hostile += [strategy for name in enabled for strategy in hostile_acts.get(name, [])]
+    # Sorted: a set's order changes with PYTHONHASHSEED, and so would the examples.
+    names = sorted(enabled)
+    hostile = [strategy.map(as_act) for name in names for strategy in hostile_sql.get(name, [])]
+    hostile += [strategy for name in names for strategy in hostile_acts.get(name, [])]
     if only_hostile:
         if not hostile:
             return st.nothing()
