@@ -1,9 +1,14 @@
-"""Shared pytest fixtures: a temporary database, handlers that always close, fd counting."""
+"""Shared pytest fixtures: a temporary database, handlers that always close, fd counting.
+
+Also the helpers tests import by name: waiting for what another thread does,
+and the handler's write-turn queue.
+"""
 
 from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +18,27 @@ import pytest
 from cleveragents.fds import count_fds
 from cleveragents.resource import Resource
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
+    """Poll *condition*, which another thread makes true; say whether it held within *timeout*."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Poll *condition* until it holds; fail the test after *timeout* seconds."""
+    if not eventually(condition, timeout):
+        pytest.fail(f"condition not met within {timeout}s")
+
+
+def turn_waiters(handler: DatabaseResourceHandler) -> int:
+    """Return how many plans wait for a write turn (the handler counts them nowhere public)."""
+    return sum(len(database.turnstile) for database in handler._resolver.databases.values())
 
 
 def fds_to(path: str | os.PathLike[str]) -> int:

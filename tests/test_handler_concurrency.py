@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import turn_waiters, wait_until
 from handler.conftest import Worker as _Worker
 
 from cleveragents.errors import (
@@ -30,20 +30,6 @@ def _second_database(tmp_path: Path, name: str = "other") -> Resource:
     conn.execute("CREATE TABLE t (v TEXT)")
     conn.close()
     return _database(path, name)
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait for *condition*; fail the test if it does not hold within *timeout*."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s")
-        time.sleep(0.005)
-
-
-def _queued(handler: DatabaseResourceHandler) -> int:
-    """Return how many plans wait for a write turn (the handler's own queue)."""
-    return sum(len(db.turnstile) for db in handler._resolver.databases.values())
 
 
 # -- one connection per (plan, database) -------------------------------------------
@@ -94,7 +80,7 @@ def test_writers_are_admitted_first_come_first_served(
         worker = _Worker(lambda i=index: writer(i))
         worker.start()
         workers.append(worker)
-        _wait_until(lambda n=index + 1: _queued(handler) == n)
+        wait_until(lambda n=index + 1: turn_waiters(handler) == n)
     assert admitted == []
     handler.release_plan("holder")
     for worker in workers:
@@ -139,10 +125,10 @@ def test_a_writer_gives_up_its_place_in_line_on_timeout(
     with pytest.raises(ResourceBusyError):
         handler.create_checkpoint(quick, "impatient", "a")
     late.start()
-    _wait_until(lambda: _queued(handler) == 1)
+    wait_until(lambda: turn_waiters(handler) == 1)
     handler.release_plan("holder")
     assert late.finish().depth == 1
-    assert _queued(handler) == 0
+    assert turn_waiters(handler) == 0
 
 
 def test_deferred_plans_do_not_wait_for_a_turn(

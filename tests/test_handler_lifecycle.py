@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_until
 
 from cleveragents.errors import (
     HandlerClosedError,
@@ -29,14 +30,6 @@ MakeHandler = Callable[..., DatabaseResourceHandler]
 
 def _database(path: Path | str, name: str = "db", **options: Any) -> Resource:
     return Resource(name=name, kind="database", engine="sqlite", location=str(path), **options)
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s")
-        time.sleep(0.01)
 
 
 def _reaper_threads(handler: DatabaseResourceHandler) -> list[threading.Thread]:
@@ -70,8 +63,8 @@ def test_the_reaper_sleeps_without_a_timeout_when_nothing_is_due(
     handler.release_plan("p1")
     # The idle connection is closed after 200ms, the cancelled deadline passes
     # after 300ms; then nothing is scheduled.
-    _wait_until(lambda: handler.stats().open_connections == 0)
-    _wait_until(lambda: bool(waits) and waits[-1] is None)
+    wait_until(lambda: handler.stats().open_connections == 0)
+    wait_until(lambda: bool(waits) and waits[-1] is None)
     settled = len(waits)
     time.sleep(0.5)
     assert len(waits) == settled  # no wake-ups while idle

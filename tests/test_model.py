@@ -46,7 +46,7 @@ import shutil
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -967,40 +967,44 @@ def test_every_enabled_family_is_known() -> None:
     assert not HOSTILE_FAMILIES - set(FAMILIES), sorted(HOSTILE_FAMILIES - set(FAMILIES))
 
 
-@pytest.mark.skipif(
-    not os.environ.get(PG_VARIABLE),
-    reason=f'needs {PG_VARIABLE}: eval "$(scripts/pg-test-server start)"',
-)
+# -- counter-examples found earlier, replayed step by step ----------------------------------
+
+
+@pytest.fixture
+def pg_model(monkeypatch: pytest.MonkeyPatch) -> Iterator[HandlerModelWithPostgreSQL]:
+    """The model with PostgreSQL, set up for steps called by hand (no hypothesis run)."""
+    if not os.environ.get(PG_VARIABLE):
+        pytest.skip(f'needs {PG_VARIABLE}: eval "$(scripts/pg-test-server start)"')
+    pytest.importorskip("psycopg")
+    monkeypatch.setattr(sys.modules[__name__], "event", lambda *args, **kwargs: None)
+    state = HandlerModelWithPostgreSQL()
+    try:
+        state.setup(max_connections=8)
+        yield state
+    finally:
+        state.teardown()
+
+
 def test_work_committed_around_the_guard_stays_committed_in_the_model(
-    monkeypatch: pytest.MonkeyPatch,
+    pg_model: HandlerModelWithPostgreSQL,
 ) -> None:
     """The case CI's run found: a COMMIT through libpq commits the plan's DELETE.
 
     The handler poisons the plan, but it cannot take back what the server
     committed; the model must commit it by hand too, not roll it back.
     """
-    pytest.importorskip("psycopg")
-    monkeypatch.setattr(sys.modules[__name__], "event", lambda *args, **kwargs: None)
-    state = HandlerModelWithPostgreSQL()
-    try:
-        state.setup(max_connections=8)
-        state.connection_pg(acts=(Act("sql", "DELETE FROM items WHERE k = 1"),), plan="p0")
-        state.committed_contents_agree()
-        state.connection_pg(acts=(Act("libpq", "COMMIT", family="pg-libpq", txn=True),), plan="p0")
-        state.committed_contents_agree()
-        assert state.dbs["pg"].view.snapshot()["items"] == []
-        state.rollback_plan("p0")
-        state.committed_contents_agree()
-    finally:
-        state.teardown()
+    state = pg_model
+    state.connection_pg(acts=(Act("sql", "DELETE FROM items WHERE k = 1"),), plan="p0")
+    state.committed_contents_agree()
+    state.connection_pg(acts=(Act("libpq", "COMMIT", family="pg-libpq", txn=True),), plan="p0")
+    state.committed_contents_agree()
+    assert state.dbs["pg"].view.snapshot()["items"] == []
+    state.rollback_plan("p0")
+    state.committed_contents_agree()
 
 
-@pytest.mark.skipif(
-    not os.environ.get(PG_VARIABLE),
-    reason=f'needs {PG_VARIABLE}: eval "$(scripts/pg-test-server start)"',
-)
 def test_a_poisoned_plan_keeps_its_row_locks_until_it_ends_in_the_model(
-    monkeypatch: pytest.MonkeyPatch,
+    pg_model: HandlerModelWithPostgreSQL,
 ) -> None:
     """A plan poisoned on SQLite still holds its PostgreSQL row locks until it ends.
 
@@ -1008,26 +1012,19 @@ def test_a_poisoned_plan_keeps_its_row_locks_until_it_ends_in_the_model(
     ends: until then another plan's INSERT of the deleted key waits for the lock
     (busy), not a duplicate-key error; after the rollback it is a duplicate key.
     """
-    pytest.importorskip("psycopg")
-    monkeypatch.setattr(sys.modules[__name__], "event", lambda *args, **kwargs: None)
+    state = pg_model
     insert = (Act("sql", "INSERT INTO items (k, v) VALUES (1, 'a')"),)
-    state = HandlerModelWithPostgreSQL()
-    try:
-        state.setup(max_connections=8)
-        state.connection_pg(acts=(Act("sql", "DELETE FROM items WHERE k = 1"),), plan="p1")
-        state.execute_sqlite(
-            db="a",
-            plan="p1",
-            sql=Sql(
-                "INSERT OR ROLLBACK INTO items (k, v) VALUES (1, 'a')",
-                family="sqlite-or-rollback",
-            ),
-        )
-        assert state.plans["p1"].poisoned
-        state.connection_pg(acts=insert, plan="p0")
-        state.rollback_plan("p1")
-        state.connection_pg(acts=insert, plan="p0")
-        state.release_plan("p0")
-        state.committed_contents_agree()
-    finally:
-        state.teardown()
+    state.connection_pg(acts=(Act("sql", "DELETE FROM items WHERE k = 1"),), plan="p1")
+    state.execute_sqlite(
+        db="a",
+        plan="p1",
+        sql=Sql(
+            "INSERT OR ROLLBACK INTO items (k, v) VALUES (1, 'a')", family="sqlite-or-rollback"
+        ),
+    )
+    assert state.plans["p1"].poisoned
+    state.connection_pg(acts=insert, plan="p0")
+    state.rollback_plan("p1")
+    state.connection_pg(acts=insert, plan="p0")
+    state.release_plan("p0")
+    state.committed_contents_agree()

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import eventually
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -133,15 +134,6 @@ def _backends(db: Any, prefix: str = RUNTIME_NAME) -> int:
         (prefix,),
     ).fetchone()
     return int(row[0])
-
-
-def _wait_until(check: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.02)
-    return check()
 
 
 # -- the same contract as SQLite ------------------------------------------------------
@@ -330,7 +322,7 @@ def test_eight_threads_forty_plans_each_give_exact_rows_within_the_bound(
     make_handler: Callable[..., DatabaseResourceHandler], res: Resource, db: Any
 ) -> None:
     limit = 4
-    assert _wait_until(lambda: _backends(db) == 0), "sessions of earlier tests are still open"
+    assert eventually(lambda: _backends(db) == 0), "sessions of earlier tests are still open"
     handler = make_handler(max_connections=limit, acquire_timeout=30)
     errors: list[BaseException] = []
     peak = 0
@@ -421,7 +413,7 @@ def test_a_terminated_session_expires_the_release_and_rolls_back_quietly(
         conn.execute("INSERT INTO t VALUES ('gone')")
         pid = conn.info.backend_pid
     db.execute("SELECT pg_terminate_backend(%s)", (pid,))
-    assert _wait_until(
+    assert eventually(
         lambda: (
             db.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
             == (0,)
@@ -462,7 +454,7 @@ def test_interrupt_cancels_the_running_statement(
     started = time.monotonic()
     thread.start()
     assert running.wait(10)
-    assert _wait_until(
+    assert eventually(
         lambda: (
             db.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)'"
@@ -494,7 +486,7 @@ def test_a_signal_cancels_the_statement_and_rolls_the_plan_back(
     with subprocess.Popen(
         [CLI, "run", str(plan)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     ) as process:
-        assert _wait_until(
+        assert eventually(
             lambda: (
                 db.execute(
                     "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'"
@@ -514,7 +506,7 @@ def test_a_signal_cancels_the_statement_and_rolls_the_plan_back(
 
 def test_close_and_garbage_collection_end_every_session(pg_dsn: str, db: Any) -> None:
     res = Resource("inv", "database", engine="postgresql", dsn=pg_dsn)
-    assert _wait_until(lambda: _backends(db) == 0)
+    assert eventually(lambda: _backends(db) == 0)
     handler = DatabaseResourceHandler(max_connections=3)
     for n in range(3):
         handler.execute(res, f"p{n}", "INSERT INTO t VALUES (:v)", {"v": f"p{n}"})
@@ -525,14 +517,14 @@ def test_close_and_garbage_collection_end_every_session(pg_dsn: str, db: Any) ->
         del handler
         gc.collect()
     assert any(issubclass(w.category, ResourceWarning) for w in caught)
-    assert _wait_until(lambda: _backends(db) == 0)
+    assert eventually(lambda: _backends(db) == 0)
     assert _values(db) == ["p0"]
 
     closing = DatabaseResourceHandler()
     closing.execute(res, "q", "INSERT INTO t VALUES ('q')")
     closing.close()
     closing.close()
-    assert _wait_until(lambda: _backends(db) == 0)
+    assert eventually(lambda: _backends(db) == 0)
     assert _values(db) == ["p0"]
 
 
@@ -916,7 +908,7 @@ def test_pooled_sessions_the_server_ended_are_replaced_not_failed(
         "WHERE starts_with(application_name, %s)",
         (RUNTIME_NAME,),
     )
-    assert _wait_until(lambda: _backends(db) == 0)
+    assert eventually(lambda: _backends(db) == 0)
 
     for number in range(4):
         handler.execute(res, f"new {number}", f"INSERT INTO t VALUES ('new {number}')")
@@ -1134,7 +1126,7 @@ def test_sql_sent_around_the_guard_poisons_the_plan_on_every_database(
     assert "after" not in _values(db)
     stats = handler.stats()
     assert (stats.commits, stats.rollbacks, stats.open_connections) == (0, 1, 1)
-    assert _wait_until(lambda: _backends(db) == 0)  # that session is closed, not pooled
+    assert eventually(lambda: _backends(db) == 0)  # that session is closed, not pooled
 
 
 def _sqlite_tables(path: Path) -> list[Any]:
@@ -1169,7 +1161,7 @@ def test_a_forged_transaction_is_caught_by_the_commit_itself(
     assert "COMMIT was not run: SQL the plan ran around cleveragents' guard" in str(caught.value)
     assert _values(db) == ["before"]  # committed by the plan's own COMMIT, nothing after
     assert _sqlite_tables(tmp_path / "notes.db") == ["n"]
-    assert _wait_until(lambda: _backends(db) == 0)
+    assert eventually(lambda: _backends(db) == 0)
 
 
 # -- nothing of a plan outlives it on a pooled session ------------------------------------
@@ -1489,7 +1481,7 @@ def test_a_session_ended_while_the_plan_worked_elsewhere_commits_nothing_anywher
     handler = make_handler()
     notes, pid = _plan_on_both(handler, res, tmp_path)
     db.execute("SELECT pg_terminate_backend(%s)", (pid,))
-    assert _wait_until(lambda: _gone(db, pid))
+    assert eventually(lambda: _gone(db, pid))
     handler.execute(notes, "p", "INSERT INTO n VALUES ('later')")  # the plan goes on elsewhere
     with pytest.raises(ResourceError, match="nothing was committed: the server ended") as caught:
         handler.release_plan("p")
@@ -1622,7 +1614,7 @@ def test_a_session_lost_on_any_path_of_a_block_expires_the_plan(
     with handler.connection(res, "p") as conn:
         pid = conn.info.backend_pid
     db.execute("SELECT pg_terminate_backend(%s)", (pid,))
-    assert _wait_until(lambda: _gone(db, pid))
+    assert eventually(lambda: _gone(db, pid))
     with pytest.raises(CheckpointExpiredError) as caught, handler.connection(res, "p") as conn:
         path(conn)
     assert isinstance(caught.value.__cause__, psycopg.OperationalError)
@@ -1776,7 +1768,7 @@ def test_a_plan_whose_session_died_gets_expired_on_every_later_call(
     with handler.connection(res, "p") as conn:
         pid = conn.info.backend_pid
     db.execute("SELECT pg_terminate_backend(%s)", (pid,))
-    assert _wait_until(lambda: _gone(db, pid))
+    assert eventually(lambda: _gone(db, pid))
     for label in ("first", "second"):  # the first learns of it, the second finds it closed
         with pytest.raises(CheckpointExpiredError):
             handler.create_checkpoint(res, "p", label)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from conftest import turn_waiters, wait_until
 
 from cleveragents.errors import HandlerClosedError
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
@@ -16,20 +17,6 @@ from .conftest import Database
 from .conftest import Worker as _Worker
 
 MakeHandler = Callable[..., DatabaseResourceHandler]
-
-
-def _turn_waiters(handler: DatabaseResourceHandler) -> int:
-    """Return how many plans wait for a write turn (the handler counts them nowhere public)."""
-    return sum(len(database.turnstile) for database in handler._resolver.databases.values())
-
-
-def _until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    """Wait for *condition*, which another thread makes true; fail if it never does."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s")
-        time.sleep(0.002)
 
 
 # -- waiters ---------------------------------------------------------------------------
@@ -50,7 +37,7 @@ def test_close_wakes_a_plan_waiting_for_a_write_turn_at_once(
     handler.execute(res, "holder", "INSERT INTO t VALUES ('holder')")
     waiter = _Worker(lambda: handler.execute(res, "waiter", "INSERT INTO t VALUES ('waiter')"))
     waiter.start()
-    _until(lambda: _turn_waiters(handler) == 1)
+    wait_until(lambda: turn_waiters(handler) == 1)
     handler.close()
     waiter.join(30)
     assert not waiter.is_alive()
@@ -127,7 +114,7 @@ def test_close_interrupts_a_statement_another_thread_runs_for_a_plan(
     worker = _Worker(tool)
     worker.start()
     threading.Thread(target=watchdog, daemon=True).start()
-    _until(_running(db, engine, started))
+    wait_until(_running(db, engine, started))
     try:
         handler.close()
     finally:
@@ -191,7 +178,7 @@ def test_close_wakes_a_plan_waiting_for_a_slot(
     handler.create_checkpoint(db.resource(), "holder", "a")
     waiter = _Worker(lambda: handler.create_checkpoint(other, "waiter", "a"))
     waiter.start()
-    _until(lambda: handler.stats().waits == 1)
+    wait_until(lambda: handler.stats().waits == 1)
     handler.close()
     waiter.join(10)
     assert not waiter.is_alive()
@@ -259,7 +246,7 @@ def test_close_inside_a_connection_block_does_not_wait_for_itself(
         # Another thread starts releasing the plan: it waits for this block.
         releasing = _Worker(lambda: handler.release_plan("p1"))
         releasing.start()
-        _until(lambda: handler.stats().active_plans == 0)  # it took the plan out
+        wait_until(lambda: handler.stats().active_plans == 0)  # it took the plan out
         started = time.monotonic()
         handler.close()  # must not wait for a plan only this block holds up
         assert time.monotonic() - started < 5

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 
 import pytest
+from conftest import eventually
 
 from cleveragents.errors import CheckpointEvictedError, PoolExhaustedError
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
@@ -15,16 +15,6 @@ from .conftest import Database
 from .conftest import Worker as _Worker
 
 MakeHandler = Callable[..., DatabaseResourceHandler]
-
-
-def _until(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
-    """Wait for *condition*, which another thread makes true; say whether it came true."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.002)
-    return True
 
 
 @pytest.mark.timeout(30)
@@ -46,7 +36,7 @@ def test_evict_lru_wakes_a_waiting_plan_when_a_holder_leaves_its_statement(
     def leave_once_the_plan_waits() -> None:
         # stats() reads the count under the handler's mutex, and a waiter
         # counts itself and starts waiting in one critical section.
-        _until(lambda: handler.stats().waits == 1)
+        eventually(lambda: handler.stats().waits == 1)
         leave.set()
 
     holding = threading.Thread(target=holder, daemon=True)
@@ -91,7 +81,7 @@ def test_a_freed_slot_goes_to_the_waiting_plan_at_once(
 
     worker = _Worker(waiting_plan)
     worker.start()
-    assert _until(lambda: handler.stats().waits == 1)
+    assert eventually(lambda: handler.stats().waits == 1)
     assert worker.is_alive()
     handler.release_plan("p1")
     # Far less than acquire_timeout: the release wakes the waiter.
@@ -153,10 +143,10 @@ def test_idle_connections_are_closed_after_idle_timeout(
     assert handler.stats().idle_connections == 1
     if engine == "sqlite":
         assert file_fds(db.where) > 0
-    assert _until(lambda: handler.stats().open_connections == 0)
+    assert eventually(lambda: handler.stats().open_connections == 0)
     assert handler.stats().idle_connections == 0
     if engine == "sqlite":
-        assert _until(lambda: file_fds(db.where) == 0)  # closed just after the count drops
+        assert eventually(lambda: file_fds(db.where) == 0)  # closed just after the count drops
     with handler.connection(resource, "again") as conn:  # a new one opens as needed
         conn.execute("INSERT INTO t VALUES ('y')")
     handler.release_plan("again")

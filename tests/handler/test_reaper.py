@@ -7,13 +7,13 @@ import time
 from collections.abc import Callable
 
 import pytest
+from conftest import wait_until
 
 from cleveragents.errors import CheckpointExpiredError
 from cleveragents.resource import Resource
 from cleveragents.resource.handlers.database import DatabaseResourceHandler
 
 from .conftest import Database
-from .conftest import wait_until as _wait_until
 
 MakeHandler = Callable[..., DatabaseResourceHandler]
 
@@ -47,7 +47,7 @@ def test_an_idle_plan_is_reaped_and_its_next_call_raises_once(
     handler.create_checkpoint(resource, "p1", "first")
     handler.create_checkpoint(resource, "p1", "second")
     _insert(handler, resource, "p1", "doomed")
-    _wait_until(lambda: handler.stats().reaped == 1)
+    wait_until(lambda: handler.stats().reaped == 1)
     assert db.rows() == []
     stats = handler.stats()
     assert (stats.active_plans, stats.rollbacks, stats.commits) == (0, 1, 0)
@@ -104,7 +104,7 @@ def test_the_smallest_ttl_of_a_plans_resources_applies(
     hasty = make_db("other").resource("hasty", checkpoint_ttl="200ms")
     handler.create_checkpoint(patient, "p1", "a")
     handler.create_checkpoint(hasty, "p1", "b")
-    _wait_until(lambda: handler.stats().reaped == 1)
+    wait_until(lambda: handler.stats().reaped == 1)
     with pytest.raises(CheckpointExpiredError) as info:
         handler.create_checkpoint(patient, "p1", "c")
     assert info.value.ttl == pytest.approx(0.2)
@@ -116,7 +116,7 @@ def test_the_handler_ttl_applies_when_a_resource_sets_none(
     handler = make_handler(checkpoint_ttl="200ms")
     resource = db.resource()
     handler.create_checkpoint(resource, "p1", "a")
-    _wait_until(lambda: handler.stats().reaped == 1)
+    wait_until(lambda: handler.stats().reaped == 1)
     with pytest.raises(CheckpointExpiredError):
         handler.rollback_to(resource, "p1", "a")
 
@@ -132,7 +132,7 @@ def test_a_plan_begun_after_the_sweep_was_set_is_reaped_at_its_own_ttl(
     handler.create_checkpoint(resource, "late", "a")
     time.sleep(0.2)  # past the sweep, short of late's own TTL
     assert handler.stats().reaped == 0
-    _wait_until(lambda: handler.stats().reaped == 1)
+    wait_until(lambda: handler.stats().reaped == 1)
     assert time.monotonic() - began >= 0.3
     with pytest.raises(CheckpointExpiredError):
         handler.release_plan("late")
@@ -145,7 +145,7 @@ def test_a_new_plan_with_a_shorter_ttl_is_reaped_first(
     hasty = make_db("other").resource("hasty", checkpoint_ttl="200ms")
     handler.create_checkpoint(patient, "slow", "a")  # sets the sweep 60s away
     handler.create_checkpoint(hasty, "quick", "a")  # must bring it forward
-    _wait_until(lambda: handler.stats().reaped == 1)
+    wait_until(lambda: handler.stats().reaped == 1)
     with pytest.raises(CheckpointExpiredError):
         handler.release_plan("quick")
     handler.release_plan("slow")
