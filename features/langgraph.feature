@@ -7,8 +7,8 @@ Feature: A LangGraph invocation is one plan
   the checkpoint taken before it; an interrupted node is rolled back, so its
   write happens once, when it runs again on resume.
 
-  The model is LangChain's own fake chat model, so nothing goes over the
-  network. Rows and checkpoints are read through a separate connection.
+  The model is a scripted chat model, so nothing goes over the network. Rows
+  and checkpoints are read through a separate connection.
 
   Background:
     Given a shop database "shop.db" with 3 pears and 0 plums

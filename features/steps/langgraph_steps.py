@@ -1,71 +1,47 @@
-"""Steps that run LangGraph graphs through PlanGraph, with LangChain's fake chat model.
+"""Steps that run LangGraph graphs through PlanGraph.
 
-A scenario's graph keeps what it needs to see (how often a node ran) on
-``context``, so nothing is shared between scenarios.
+The shop, its plan tools, the scripted chat model and the graphs are the
+pytest suite's own (``tests/langgraph_kit.py``), so both suites drive the
+same code. Rows and checkpoints are read through a separate connection.
 """
 
-# No "from __future__ import annotations": LangGraph reads the state classes'
+# No "from __future__ import annotations": LangGraph reads state classes'
 # annotations at run time, and behave runs step files outside sys.modules.
-import sqlite3
-from contextlib import closing
-from typing import Annotated, Any, TypedDict
+import sys
+from pathlib import Path
+from typing import Any
 
 from behave import given, then, when
-from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
-from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
-from langgraph.graph import START, StateGraph
-from langgraph.graph.message import add_messages
-from langgraph.prebuilt import ToolNode, tools_condition
-from langgraph.types import Command, interrupt
+from langchain_core.messages import AIMessage, HumanMessage, ToolCall
+from langgraph.types import Command
 
-from cleveragents.integrations.langgraph import (
-    PlanCheckpointer,
-    PlanGraph,
-    plan_connection,
-    plan_node,
-    plan_tool,
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+
+from langgraph_kit import (  # found through the path set just above
+    ScriptedChatModel,
+    Shop,
+    agent_graph,
+    answer,
+    approval_graph,
+    make_handler,
+    restock,
+    sell,
+    sqlite_shop,
 )
-from cleveragents.resource import Resource
-from cleveragents.resource.handlers.database import DatabaseResourceHandler
 
-
-@plan_tool
-def restock(sku: str, n: int) -> str:
-    """Add n units of an item to the stock."""
-    with plan_connection("shop") as conn:
-        conn.execute("UPDATE items SET qty = qty + ? WHERE sku = ?", (n, sku))
-    return f"restocked {n} {sku}"
-
-
-@plan_tool
-def sell(sku: str, n: int) -> str:
-    """Sell n units of an item; fails, after writing, if there are not enough."""
-    with plan_connection("shop") as conn:
-        conn.execute("UPDATE items SET qty = qty - ? WHERE sku = ?", (n, sku))
-        (left,) = conn.execute("SELECT qty FROM items WHERE sku = ?", (sku,)).fetchone()
-    if left < 0:
-        raise ValueError(f"only {left + n} {sku} in stock, cannot sell {n}")
-    return f"sold {n} {sku}"
-
-
-class ChatState(TypedDict):
-    messages: Annotated[list[AnyMessage], add_messages]
-
-
-class OrderState(TypedDict, total=False):
-    decision: str
+from cleveragents.integrations.langgraph import PlanCheckpointer
 
 
 def _saver(context: Any) -> PlanCheckpointer:
-    handler = DatabaseResourceHandler(max_connections=4, acquire_timeout=5.0)
+    handler = make_handler()
     context.closables.append(handler)
-    shop = Resource("shop", "database", engine="sqlite", location=str(context.shop_path))
-    return PlanCheckpointer(handler, shop)
+    shop: Shop = context.shop
+    return PlanCheckpointer(handler, shop.resource)
 
 
-def _tool_calls(asks: str) -> AIMessage:
+def _asking(asks: str) -> AIMessage:
     """Turn "restock plum 10, sell pear 50" into one model message asking for those calls."""
-    calls = []
+    calls: list[ToolCall] = []
     for index, ask in enumerate(asks.split(","), 1):
         name, sku, n = ask.split()
         args = {"sku": sku, "n": int(n)}
@@ -73,91 +49,37 @@ def _tool_calls(asks: str) -> AIMessage:
     return AIMessage(content="", tool_calls=calls)
 
 
-def _agent_graph(context: Any, replies: list[AIMessage], *, then_fail: bool = False) -> PlanGraph:
-    """Model node, ToolNode (tool errors go back to the model), and back.
-
-    With *then_fail*, the model raises once its replies are used up, as an
-    unreachable model would.
-    """
-    model = GenericFakeChatModel(messages=iter(replies))
-    left = [len(replies)]
-
-    def agent(state: ChatState) -> dict[str, Any]:
-        if then_fail and not left[0]:
-            raise RuntimeError("the model is down")
-        left[0] -= 1
-        return {"messages": [model.invoke(state["messages"])]}
-
-    builder = StateGraph(ChatState)
-    builder.add_node("agent", agent)
-    builder.add_node("tools", ToolNode([restock, sell], handle_tool_errors=True))
-    builder.add_edge(START, "agent")
-    builder.add_conditional_edges("agent", tools_condition)
-    builder.add_edge("tools", "agent")
-    return PlanGraph(builder.compile(checkpointer=_saver(context)))
+def _model_down(messages: Any) -> AIMessage:
+    raise RuntimeError("the model is down")
 
 
-def _shop(context: Any, name: str) -> dict[str, int]:
-    with closing(sqlite3.connect(context.workdir / name)) as conn:
-        return dict(conn.execute("SELECT sku, qty FROM items"))
-
-
-def _checkpoints(context: Any, name: str, thread_id: str) -> int:
-    with closing(sqlite3.connect(context.workdir / name)) as conn:
-        ((count,),) = conn.execute(
-            "SELECT count(*) FROM langgraph_checkpoints WHERE thread_id = ?", (thread_id,)
-        )
-    return int(count)
+def _agent(context: Any, replies: list[Any]) -> None:
+    model = ScriptedChatModel(replies=replies)
+    context.graph = agent_graph(model, [restock, sell], _saver(context), handle_tool_errors=True)
+    context.graph_input = {"messages": [HumanMessage("restock plums, sell pears")]}
 
 
 @given('a shop database "{name}" with {pears:d} pears and {plums:d} plums')
 def step_shop(context: Any, name: str, pears: int, plums: int) -> None:
-    context.shop_path = context.workdir / name
-    with closing(sqlite3.connect(context.shop_path)) as conn:
-        conn.execute("CREATE TABLE items (sku TEXT PRIMARY KEY, qty INTEGER NOT NULL)")
-        conn.executemany("INSERT INTO items VALUES (?, ?)", [("pear", pears), ("plum", plums)])
-        conn.commit()
+    context.shop = sqlite_shop(context.workdir, name=Path(name).stem)
+    stock = context.shop.stock()
+    assert stock == {"pear": pears, "plum": plums}, f"the kit's shop starts with {stock}"
 
 
 @given('an agent graph whose model asks for "{asks}", then answers "{text}"')
 def step_agent_answers(context: Any, asks: str, text: str) -> None:
-    context.graph = _agent_graph(context, [_tool_calls(asks), AIMessage(content=text)])
-    context.graph_input = {"messages": [HumanMessage("restock plums, sell pears")]}
+    _agent(context, [_asking(asks), answer(text)])
 
 
 @given('an agent graph whose model asks for "{asks}", then fails')
 def step_agent_fails(context: Any, asks: str) -> None:
-    context.graph = _agent_graph(context, [_tool_calls(asks)], then_fail=True)
-    context.graph_input = {"messages": [HumanMessage("restock plums")]}
+    _agent(context, [_asking(asks), _model_down])
 
 
 @given("a graph that restocks plums, then sells a pear once a person approves")
 def step_approval_graph(context: Any) -> None:
     context.node_runs = []
-
-    @plan_node
-    def restock_plums(state: OrderState) -> dict[str, Any]:
-        context.node_runs.append("restock_plums")
-        with plan_connection("shop") as conn:
-            conn.execute("UPDATE items SET qty = qty + 10 WHERE sku = 'plum'")
-        return {}
-
-    @plan_node
-    def sell_pear(state: OrderState) -> dict[str, Any]:
-        context.node_runs.append("sell_pear")
-        with plan_connection("shop") as conn:
-            conn.execute("UPDATE items SET qty = qty - 1 WHERE sku = 'pear'")
-        decision = interrupt("sell one pear?")
-        if decision != "yes":
-            raise ValueError(f"not approved: {decision!r}")
-        return {"decision": decision}
-
-    builder = StateGraph(OrderState)
-    builder.add_node("restock_plums", restock_plums)
-    builder.add_node("sell_pear", sell_pear)
-    builder.add_edge(START, "restock_plums")
-    builder.add_edge("restock_plums", "sell_pear")
-    context.graph = PlanGraph(builder.compile(checkpointer=_saver(context)))
+    context.graph = approval_graph(_saver(context), context.node_runs)
     context.graph_input = {}
 
 
@@ -215,18 +137,18 @@ def step_tool_rolled_back(context: Any, tool: str) -> None:
 
 @then('"{name}" has {pears:d} pears and {plums:d} plums')
 def step_stock(context: Any, name: str, pears: int, plums: int) -> None:
-    stock = _shop(context, name)
+    stock = context.shop.stock()
     assert stock == {"pear": pears, "plum": plums}, stock
 
 
 @then('thread "{thread_id}" has a committed checkpoint in "{name}"')
 def step_has_checkpoint(context: Any, thread_id: str, name: str) -> None:
-    assert _checkpoints(context, name, thread_id) >= 1
+    assert context.shop.checkpoints(thread_id) >= 1
 
 
 @then('thread "{thread_id}" has no committed checkpoint in "{name}"')
 def step_no_checkpoint(context: Any, thread_id: str, name: str) -> None:
-    count = _checkpoints(context, name, thread_id)
+    count = context.shop.checkpoints(thread_id)
     assert count == 0, f"{count} checkpoints of {thread_id!r} were committed"
 
 
