@@ -26,7 +26,6 @@ from cleveragents.resource.handlers._pool import ConnectionPool
 from cleveragents.resource.handlers._settings import DatabaseHandlerSettings
 
 if TYPE_CHECKING:
-    from cleveragents.resource.reaper import Deadline
     from cleveragents.telemetry import HandlerTelemetry
 
 logger = logging.getLogger("cleveragents.resource.handlers.database")
@@ -43,7 +42,6 @@ class ConnectionsMixin:
     _plans: PlanTable
     _counts: collections.Counter[str]
     _telemetry: HandlerTelemetry | None
-    _idle_sweep: Deadline | None
 
     def _finish(self, plan: Plan, *, commit: bool, locked: bool = False) -> None:
         raise NotImplementedError  # EndingMixin's
@@ -204,8 +202,7 @@ class ConnectionsMixin:
                     close = True
             elif clean and not self._closed:
                 now = time.monotonic()
-                first = self._pool.put_idle(database, conn, lease.resolved.config, now)
-                if first and self._idle_sweep is None:
+                if self._pool.put_idle(database, conn, lease.resolved.config, now):
                     self._arm_idle_sweep(now + self.config.idle_timeout)
             else:
                 self._pool.release_slot()

@@ -83,8 +83,7 @@ class ConnectionPool:
     def put_idle(self, database: Any, conn: Any, config: Hashable, now: float) -> bool:
         """Keep *conn* for reuse; return whether it is the only idle one (arm the sweep)."""
         self._idle[id(conn)] = Idle(database, conn, config, now)
-        if self.waiters:  # self.wake(), inline: every plan's check-in comes here
-            self._slot_freed.notify()
+        self.wake()
         return len(self._idle) == 1
 
     def sweep(self, now: float) -> tuple[list[Idle], float | None]:

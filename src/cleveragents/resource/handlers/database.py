@@ -318,11 +318,7 @@ class DatabaseResourceHandler(EndingMixin, ResourceHandler):
                 )
             lease.savepoints_made += 1
             savepoint = f"cp_{lease.savepoints_made}"
-            engine = lease.database.engine
-            try:
-                engine.savepoint(lease.conn, savepoint)
-            except engine.driver_error as exc:
-                raise self._wrap(exc, lease, "create_checkpoint", checkpoint_id) from exc
+            self._run(lease, "create_checkpoint", checkpoint_id, "savepoint", savepoint)
             lease.checkpoints[checkpoint_id] = savepoint
             if self._telemetry is not None:
                 self._telemetry.checkpoint(lease, checkpoint_id)
@@ -355,11 +351,7 @@ class DatabaseResourceHandler(EndingMixin, ResourceHandler):
             savepoint = checkpoints.get(checkpoint_id)
             if savepoint is None:
                 raise _not_found(resource, plan_id, checkpoint_id)
-            engine = lease.database.engine
-            try:
-                engine.rollback_to(lease.conn, savepoint)
-            except engine.driver_error as exc:
-                raise self._wrap(exc, lease, "rollback_to", checkpoint_id) from exc
+            self._run(lease, "rollback_to", checkpoint_id, "rollback_to", savepoint)
             if self._telemetry is not None:
                 self._telemetry.rolled_back_to(lease, checkpoint_id)
             while next(reversed(checkpoints)) != checkpoint_id:
@@ -621,8 +613,7 @@ class DatabaseResourceHandler(EndingMixin, ResourceHandler):
         """
         if self._closed:
             raise HandlerClosedError(self.name)
-        if self._plans.endings:
-            self._plans.raise_if_ended(plan_id, operation)
+        self._plans.raise_if_ended(plan_id, operation)
         resolved = self._resolver.resolve(resource, plan_id, known)
         identity = resolved.database.identity
         now = time.monotonic()
@@ -753,6 +744,16 @@ class DatabaseResourceHandler(EndingMixin, ResourceHandler):
             lease.conn = database.memory_conn
             if self._telemetry is not None:
                 self._telemetry.checked_out(lease)
+
+    def _run(
+        self, lease: Lease, operation: str, checkpoint_id: str | None, action: str, *args: Any
+    ) -> None:
+        """Run the engine's *action* on the lease's connection, wrapping driver errors."""
+        engine = lease.database.engine
+        try:
+            getattr(engine, action)(lease.conn, *args)
+        except engine.driver_error as exc:
+            raise self._wrap(exc, lease, operation, checkpoint_id) from exc
 
     # -- fork -----------------------------------------------------------------------
 
