@@ -684,7 +684,7 @@ class SQLiteReference:
         self._seen: tuple[int, dict[str, Any]] | None = None
         # Cursors a tool kept past its block, by connection: like the handler's,
         # they stay open (and keep their statement) until the plan ends.
-        self._kept: dict[int, list[sqlite3.Cursor]] = {}
+        self._kept: dict[sqlite3.Connection, list[sqlite3.Cursor]] = {}
 
     @staticmethod
     def create(path: str) -> None:
@@ -748,10 +748,10 @@ class SQLiteReference:
         return conn.execute(sql.text, params if params is not None else ()).fetchall()
 
     def act(self, conn: Any, act: Act) -> list[Any]:
-        return run_sqlite_act(conn, act, kept=self._kept.setdefault(id(conn), []))
+        return run_sqlite_act(conn, act, kept=self._kept.setdefault(conn, []))
 
     def _close_kept(self, conn: Any) -> None:
-        for cursor in self._kept.pop(id(conn), ()):
+        for cursor in self._kept.pop(conn, ()):
             cursor.close()
 
     def fingerprint(self, conn: Any, *, lent: bool = False) -> Any:
